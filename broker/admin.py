@@ -1,0 +1,136 @@
+"""The admin listener: health, readiness, metrics, connector status and actions.
+
+Read-only endpoints may be scraped from anywhere the listener is reachable. Endpoints that
+change something (refresh, test, quit) answer only to loopback clients, unless an
+``admin_token`` is configured and sent as ``Authorization: Bearer <token>``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .errors import NoRoute, ProxyError, error_response
+
+if TYPE_CHECKING:
+    from .app import BrokerServer
+    from .upstream import Connector
+
+SERVER: web.AppKey[BrokerServer] = web.AppKey("server")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(data, option=orjson.OPT_INDENT_2),
+        status=status,
+        content_type="application/json",
+    )
+
+
+class Forbidden(ProxyError):
+    status = 403
+    code = "forbidden"
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ProxyError as exc:
+        return error_response(exc)
+
+
+def _require_operator(request: web.Request) -> None:
+    token = request.app[SERVER].broker.config.admin_token
+    if token is not None:
+        sent = request.headers.get("Authorization", "")
+        if hmac.compare_digest(sent.encode(), f"Bearer {token.get()}".encode()):
+            return
+        raise Forbidden("this admin action needs Authorization: Bearer <admin_token>")
+    peer = request.remote or ""
+    try:
+        loopback = ipaddress.ip_address(peer.split("%")[0]).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise Forbidden("admin actions answer only on loopback unless admin_token is configured")
+
+
+def _connector(request: web.Request) -> Connector:
+    name = request.match_info["name"]
+    connector = request.app[SERVER].broker.connectors.get(name)
+    if connector is None:
+        raise NoRoute(f"no connector named {name!r}")
+    return connector
+
+
+def connector_info(connector: Connector) -> dict[str, Any]:
+    """What an operator may see of a connector: never a secret or a token."""
+    return {
+        "type": connector.config.type,
+        "route": connector.route,
+        "upstream_host": connector.host,
+        "tls_verify": connector.config.tls_verify,
+        **connector.tokens.status(),
+    }
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    broker = request.app[SERVER].broker
+    ready, detail = broker.readiness()
+    body = {"ready": ready, "draining": broker.draining, "connectors": detail}
+    return _json(body, 200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    registry = request.app[SERVER].broker.metrics.registry
+    response = web.Response(body=generate_latest(registry))
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
+async def connectors(request: web.Request) -> web.Response:
+    broker = request.app[SERVER].broker
+    return _json({name: connector_info(c) for name, c in broker.connectors.items()})
+
+
+async def connector(request: web.Request) -> web.Response:
+    return _json(connector_info(_connector(request)))
+
+
+async def refresh(request: web.Request) -> web.Response:
+    _require_operator(request)
+    target = _connector(request)
+    await target.tokens.refresh_now()
+    return _json({"refreshed": True, **connector_info(target)})
+
+
+async def quit_(request: web.Request) -> web.Response:
+    _require_operator(request)
+    request.app[SERVER].broker.shutdown_requested.set()
+    return _json({"stopping": True})
+
+
+def admin_app(server: BrokerServer) -> web.Application:
+    app = web.Application(middlewares=[_errors])
+    app[SERVER] = server
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/connectors", connectors)
+    app.router.add_get("/connectors/{name}", connector)
+    app.router.add_post("/connectors/{name}/refresh", refresh)
+    app.router.add_post("/quitquitquit", quit_)
+    return app
+

@@ -1,0 +1,202 @@
+"""The broker at run time: store, connectors, the two listeners, and their lifecycle.
+
+Resources are set up in dependency order (store → connectors → proxy listener → admin
+listener) and torn down in reverse by :meth:`BrokerServer.stop`; a SIGTERM drains the proxy
+listener first, so in-flight requests finish while readiness already reports "draining".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from .config import Config
+from .errors import BrokerError
+from .metrics import Metrics
+from .proxy import Proxy
+from .stores import open_store
+from .tokens import LocalCoordinator
+from .types import Clock, Coordinator, TokenStore
+from .upstream import Connector
+
+log = structlog.get_logger("broker.app")
+
+
+class Broker:
+    """Store, connectors and proxy handler for one config."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        store: TokenStore | None = None,
+        metrics: Metrics | None = None,
+        clock: Clock = time.time,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.clock = clock
+        self._given_store = store
+        self.store: TokenStore | None = None
+        self.coordinator: Coordinator = LocalCoordinator(clock)
+        self.connectors: dict[str, Connector] = {}
+        self.proxy: Proxy | None = None
+        self.draining = False
+        self.shutdown_requested = asyncio.Event()
+        self.started_at = time.time()
+
+    async def start(self) -> None:
+        store = self._given_store or await open_store(self.config.store)
+        self.store = store
+        self.metrics.store_up.set(1)
+        shared = getattr(store, "coordinator", None)
+        if shared is not None:
+            self.coordinator = shared
+        if not self.config.store.encryption_key and not self.config.store.redis:
+            log.info(
+                "store_unencrypted",
+                message="tokens are stored unencrypted (set store.encryption_key to encrypt them)",
+            )
+        try:
+            for name, connector_config in self.config.connectors.items():
+                self.connectors[name] = Connector(
+                    name,
+                    connector_config,
+                    self.config.route_of(name),
+                    store,
+                    self.coordinator,
+                    self.metrics,
+                    clock=self.clock,
+                )
+            for connector in self.connectors.values():
+                await connector.start()
+        except BaseException:
+            await self.close(revoke=False)
+            raise
+        self.proxy = Proxy(self.connectors.values(), access_log=self.config.access_log)
+
+    async def close(self, *, revoke: bool = True) -> None:
+        for connector in self.connectors.values():
+            with contextlib.suppress(Exception):
+                await connector.close(revoke=revoke)
+        if self.store is not None and self._given_store is None:
+            with contextlib.suppress(Exception):
+                await self.store.close()
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        detail: dict[str, Any] = {}
+        ready = not self.draining
+        for name, connector in self.connectors.items():
+            usable = connector.tokens.usable()
+            ready = ready and usable
+            status = connector.tokens.status()
+            detail[name] = {
+                "ready": usable,
+                "token_state": status["token_state"],
+                "last_error": status["last_error"],
+            }
+        return ready, detail
+
+
+class BrokerServer:
+    """Both listeners around a :class:`Broker`; ports may be 0 (tests) and are read back."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self._proxy_runner: web.BaseRunner | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self.proxy_port = 0
+        self.admin_port = 0
+
+    @property
+    def proxy_url(self) -> str:
+        host = self.broker.config.listen_address[0]
+        return f"http://{_url_host(host)}:{self.proxy_port}"
+
+    @property
+    def admin_url(self) -> str:
+        host = self.broker.config.admin_address[0]
+        return f"http://{_url_host(host)}:{self.admin_port}"
+
+    async def start(self) -> None:
+        from .admin import admin_app
+
+        broker = self.broker
+        await broker.start()
+        assert broker.proxy is not None
+        config = broker.config
+        try:
+            server = web.Server(broker.proxy.handle, handler_cancellation=True)
+            self._proxy_runner = web.ServerRunner(
+                server, shutdown_timeout=config.grace_period, handle_signals=False
+            )
+            await self._proxy_runner.setup()
+            self.proxy_port = await _listen(self._proxy_runner, *config.listen_address, "listen")
+            self._admin_runner = web.AppRunner(
+                admin_app(self), access_log=None, handle_signals=False, shutdown_timeout=2.0
+            )
+            await self._admin_runner.setup()
+            self.admin_port = await _listen(
+                self._admin_runner, *config.admin_address, "admin_listen"
+            )
+        except BaseException:
+            await self.stop(revoke=False)
+            raise
+        log.info(
+            "broker_started",
+            listen=self.proxy_url,
+            admin_listen=self.admin_url,
+            connectors=sorted(broker.connectors),
+        )
+
+    async def stop(self, *, revoke: bool = True) -> None:
+        """Drain: readiness fails, no new connections, in-flight requests finish (grace)."""
+        broker = self.broker
+        broker.draining = True
+        if self._proxy_runner is not None:
+            log.info("draining", inflight=broker.proxy.inflight if broker.proxy else 0)
+            await self._proxy_runner.cleanup()
+            self._proxy_runner = None
+        await broker.close(revoke=revoke)
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+            self._admin_runner = None
+        log.info("broker_stopped")
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+async def _listen(runner: web.BaseRunner, host: str, port: int, key: str) -> int:
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        raise BrokerError(f"{key}: cannot listen on {host}:{port}: {exc.strerror}") from None
+    server = site._server  # aiohttp keeps the asyncio server here; we need the bound port
+    sockets: list[socket.socket] = list(getattr(server, "sockets", None) or [])
+    return int(sockets[0].getsockname()[1]) if sockets else port
+
+
+async def run_until_stopped(config: Config, stop: asyncio.Event) -> None:
+    """``erp-broker run``: serve until ``stop`` is set (SIGTERM/SIGINT, /quitquitquit)."""
+    server = BrokerServer(Broker(config))
+    await server.start()
+    waiter = asyncio.ensure_future(stop.wait())
+    quit_ = asyncio.ensure_future(server.broker.shutdown_requested.wait())
+    try:
+        await asyncio.wait({waiter, quit_}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        quit_.cancel()
+        log.info("shutdown", grace_period=config.grace_period)
+        await server.stop(revoke=True)

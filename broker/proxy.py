@@ -1,0 +1,351 @@
+"""The proxy listener: routing, header filtering, streaming, and the one send loop.
+
+The send loop in :meth:`Proxy.forward` owns the whole retry policy — one replay after a
+rejected credential, 429 for every method, 504 for idempotent methods only — so no other code
+ever sends a request twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+import aiohttp
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+
+from .errors import (
+    BadRequest,
+    NoRoute,
+    ProxyError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    error_response,
+)
+from .metrics import method_label
+from .retry import AUTH, RATE_LIMITED, RetryBudget, backoff_delay, parse_retry_after, should_retry
+from .upstream import Connector
+
+log = structlog.get_logger("broker.proxy")
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+#: Credentials the app may send are never forwarded: the broker's replace them.
+CREDENTIAL_HEADERS = frozenset({"authorization", "apikey", "proxy-authorization"})
+#: Set by the client library from the URL and the body, not copied.
+_REQUEST_DROP = HOP_BY_HOP | CREDENTIAL_HEADERS | {"host", "content-length", "expect"}
+_RESPONSE_DROP = HOP_BY_HOP
+_SKIP_AUTO = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
+REQUEST_ID = "X-Request-ID"
+CHUNK = 64 * 1024
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def has_dot_segment(path: str) -> bool:
+    """True if any segment is ``.`` or ``..`` once decoded, however many times encoded."""
+    for _ in range(4):
+        # Backslashes are separators to some servers (IIS); treat them as such.
+        for segment in re.split(r"[/\\]", path):
+            if segment in (".", ".."):
+                return True
+        decoded = unquote(path)
+        if decoded == path:
+            return False
+        path = decoded
+    return True  # still changing after four rounds of decoding: refuse
+
+
+def _all(headers: Mapping[str, str], name: str) -> list[str]:
+    getall = getattr(headers, "getall", None)
+    if getall is not None:
+        return list(getall(name, ()))
+    value = headers.get(name)
+    return [] if value is None else [value]
+
+
+def _hop_by_hop_named(headers: Iterable[str]) -> set[str]:
+    """Headers the ``Connection`` header names are hop-by-hop too."""
+    return {name.strip().lower() for value in headers for name in value.split(",") if name.strip()}
+
+
+def request_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
+    """The app's headers minus hop-by-hop, credential and framing headers (repeats kept)."""
+    drop = _REQUEST_DROP | _hop_by_hop_named(_all(headers, "Connection"))
+    out: CIMultiDict[str] = CIMultiDict()
+    for key, value in headers.items():
+        if key.lower() not in drop:
+            out.add(key, value)
+    return out
+
+
+@dataclass(slots=True)
+class Body:
+    """A request body: kept in memory when small enough to replay, else streamed once."""
+
+    data: bytes | None
+    stream: AsyncIterator[bytes] | None = None
+    length: int | None = None
+
+    @property
+    def replayable(self) -> bool:
+        return self.stream is None
+
+    def payload(self) -> bytes | AsyncIterator[bytes] | None:
+        return self.data if self.stream is None else self.stream
+
+
+async def read_body(request: web.BaseRequest, limit: int) -> Body:
+    """Buffer up to ``limit`` bytes for replay; stream anything larger."""
+    if not request.body_exists:
+        return Body(data=None)
+    length = request.content_length
+    if length is not None and length <= limit:
+        return Body(data=await request.read())
+    if length is not None:
+        return Body(data=None, stream=_iter_content(request.content, b""), length=length)
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = await request.content.readany()
+        if not chunk:
+            return Body(data=b"".join(chunks))
+        chunks.append(chunk)
+        size += len(chunk)
+    return Body(data=None, stream=_iter_content(request.content, b"".join(chunks)))
+
+
+async def _iter_content(content: aiohttp.StreamReader, prefix: bytes) -> AsyncIterator[bytes]:
+    if prefix:
+        yield prefix
+    while chunk := await content.readany():
+        yield chunk
+
+
+class Router:
+    """Longest route prefix wins."""
+
+    def __init__(self, connectors: Iterable[Connector]) -> None:
+        self._routes = sorted(
+            ((c.route, c) for c in connectors), key=lambda item: len(item[0]), reverse=True
+        )
+
+    def match(self, path: str) -> tuple[Connector, str] | None:
+        for prefix, connector in self._routes:
+            if path.startswith(prefix):
+                return connector, path[len(prefix) :]
+            if path == prefix[:-1]:
+                return connector, ""
+        return None
+
+
+class Proxy:
+    """The request handler of the proxy listener."""
+
+    def __init__(self, connectors: Iterable[Connector], *, access_log: bool = True) -> None:
+        self.router = Router(connectors)
+        self.access_log = access_log
+        self.inflight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        request_id = request.headers.get(REQUEST_ID, "")
+        if not _VALID_REQUEST_ID.fullmatch(request_id):
+            request_id = uuid.uuid4().hex
+        connector: Connector | None = None
+        attempts = 0
+        status = 500
+        self.inflight += 1
+        self.idle.clear()
+        try:
+            try:
+                connector, rest, query = self._route(request)
+                connector.metrics.inflight.labels(connector.name).inc()
+                try:
+                    response, attempts = await self.forward(request, connector, rest, query, request_id)
+                finally:
+                    connector.metrics.inflight.labels(connector.name).dec()
+            except ProxyError as exc:
+                if exc.connector is None and connector is not None:
+                    exc.connector = connector.name
+                response = error_response(exc)
+                response.headers[REQUEST_ID] = request_id
+                log.info(
+                    "broker_error",
+                    code=exc.code,
+                    message=exc.message,
+                    connector=exc.connector,
+                    request_id=request_id,
+                )
+            status = response.status
+            return response
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self.idle.set()
+            elapsed = time.perf_counter() - started
+            if connector is not None:
+                metrics = connector.metrics
+                name = connector.name
+                metrics.requests.labels(name, method_label(request.method), str(status)).inc()
+                metrics.request_duration.labels(name).observe(elapsed)
+            if self.access_log:
+                log.info(
+                    "request",
+                    connector=connector.name if connector else None,
+                    method=request.method,
+                    path=request.path,
+                    status=status,
+                    duration_ms=round(elapsed * 1000, 2),
+                    attempts=attempts,
+                    request_id=request_id,
+                )
+
+    def _route(self, request: web.BaseRequest) -> tuple[Connector, str, str]:
+        if request.method == "CONNECT":
+            raise BadRequest("CONNECT is refused: erp-broker is not an open proxy")
+        target = request.raw_path
+        if not target.startswith("/"):
+            raise BadRequest(
+                "absolute-form request targets are refused: erp-broker is not an open proxy; "
+                "send /<route>/<path>"
+            )
+        path, _, query = target.partition("?")
+        if has_dot_segment(path):
+            raise BadRequest("paths with '.' or '..' segments are refused")
+        match = self.router.match(path)
+        if match is None:
+            raise NoRoute(f"no connector route matches {request.path[:200]}")
+        connector, rest = match
+        return connector, rest, query
+
+    async def forward(
+        self,
+        request: web.BaseRequest,
+        connector: Connector,
+        rest: str,
+        query: str,
+        request_id: str,
+    ) -> tuple[web.StreamResponse, int]:
+        """Send the request to the ERP, replaying it when the policy says so; stream the answer."""
+        method = request.method
+        url = connector.url_for(rest, query)
+        headers = request_headers(request.headers)
+        headers[REQUEST_ID] = request_id
+        config = connector.config
+        body = await read_body(request, config.replay_max_bytes)
+        if body.length is not None:
+            headers["Content-Length"] = str(body.length)
+        budget = RetryBudget(
+            config.retry.max_retries, config.retry.max_wait, config.retry.max_total
+        )
+        token = await connector.tokens.get()
+        auth_replayed = False
+        attempts = 0
+        while True:
+            await connector.wait_turn()
+            connector.authenticator.apply(headers, token)
+            attempts += 1
+            upstream = await self._send(connector, method, url, headers, body)
+            status = upstream.status
+            if status in connector.auth_statuses and not auth_replayed and body.replayable:
+                upstream.release()
+                auth_replayed = True
+                connector.metrics.retries.labels(connector.name, AUTH).inc()
+                token = await connector.tokens.reject(token)
+                continue
+            reason = should_retry(status, method)
+            if reason is not None and body.replayable:
+                wait = parse_retry_after(upstream.headers.get("Retry-After"), time.time())
+                if wait is None:
+                    wait = backoff_delay(budget.retries, config.retry.base_delay, config.retry.max_wait)
+                if budget.allows(wait):
+                    upstream.release()
+                    budget.spend(wait)
+                    connector.metrics.retries.labels(connector.name, reason).inc()
+                    if reason == RATE_LIMITED:
+                        # Every request to this connector waits out the same window.
+                        await connector.coordinator.set_window(connector.name, time.time() + wait)
+                    else:
+                        connector.metrics.backoff_seconds.labels(connector.name, reason).inc(wait)
+                        await asyncio.sleep(wait)
+                    continue
+            return await self._stream_back(request, upstream, request_id), attempts
+
+    async def _send(
+        self,
+        connector: Connector,
+        method: str,
+        url: object,
+        headers: CIMultiDict[str],
+        body: Body,
+    ) -> aiohttp.ClientResponse:
+        started = time.perf_counter()
+        try:
+            return await connector.session.request(
+                method,
+                url,  # type: ignore[arg-type]
+                headers=headers,
+                data=body.payload(),
+                allow_redirects=False,
+                skip_auto_headers=_SKIP_AUTO,
+            )
+        except (aiohttp.ServerTimeoutError, TimeoutError):
+            raise UpstreamTimeout(
+                f"the ERP did not answer within {connector.config.timeout:g}s",
+                connector=connector.name,
+            ) from None
+        except aiohttp.ClientSSLError as exc:
+            raise UpstreamUnreachable(
+                f"TLS error talking to {connector.host} ({type(exc).__name__}): check ca_file "
+                "or the server certificate",
+                connector=connector.name,
+            ) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamUnreachable(
+                f"cannot reach {connector.host}: {type(exc).__name__}", connector=connector.name
+            ) from None
+        finally:
+            connector.metrics.upstream_duration.labels(connector.name).observe(
+                time.perf_counter() - started
+            )
+
+    @staticmethod
+    async def _stream_back(
+        request: web.BaseRequest, upstream: aiohttp.ClientResponse, request_id: str
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        drop = _RESPONSE_DROP | _hop_by_hop_named(upstream.headers.getall("Connection", ()))
+        out = response.headers
+        for key, value in upstream.headers.items():
+            if key.lower() not in drop:
+                out.add(key, value)
+        out[REQUEST_ID] = request_id
+        try:
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_chunked(CHUNK):
+                await response.write(chunk)
+            await response.write_eof()
+        except BaseException:
+            upstream.close()  # a half-read body cannot go back to the pool
+            raise
+        upstream.release()
+        return response

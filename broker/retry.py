@@ -1,0 +1,82 @@
+"""Retry policy and ``Retry-After`` parsing: pure functions, no I/O."""
+
+from __future__ import annotations
+
+import email.utils
+import random
+from dataclasses import dataclass
+
+#: Methods that may be sent again after a 504: the ERP may have processed the first one.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+RATE_LIMITED = "rate_limited"
+GATEWAY_TIMEOUT = "gateway_timeout"
+AUTH = "auth"
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value (delta-seconds or HTTP-date), or None.
+
+    ``now`` is the current Unix time, against which an HTTP-date is measured. A date in the
+    past means "now" (0). A value that is neither form is ignored (None).
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:  # not in the RFC, but some gateways send "1.5"
+        return seconds if seconds >= 0 else None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+def backoff_delay(
+    attempt: int, base: float, cap: float, rng: random.Random | None = None
+) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
+    ceiling = min(cap, base * (2**attempt))
+    return (rng or random).uniform(0, ceiling)
+
+
+@dataclass(slots=True)
+class RetryBudget:
+    """What one request may still spend on retries of 429 and 504."""
+
+    max_retries: int
+    max_wait: float
+    max_total: float
+    retries: int = 0
+    waited: float = 0.0
+
+    def allows(self, wait: float) -> bool:
+        """True if one more retry after ``wait`` seconds stays within the budget."""
+        return (
+            self.retries < self.max_retries
+            and wait <= self.max_wait
+            and self.waited + wait <= self.max_total
+        )
+
+    def spend(self, wait: float) -> None:
+        self.retries += 1
+        self.waited += wait
+
+
+def should_retry(status: int, method: str) -> str | None:
+    """The retry reason for an ERP answer, or None: 429 always, 504 only when idempotent."""
+    if status == 429:
+        return RATE_LIMITED
+    if status == 504 and method in IDEMPOTENT_METHODS:
+        return GATEWAY_TIMEOUT
+    return None

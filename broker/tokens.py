@@ -1,0 +1,585 @@
+"""Tokens and the per-connector token manager.
+
+The manager owns one connector's credential: it loads it from the store at start, refreshes
+it ahead of expiry in the background, runs at most one token request at a time (waiters share
+its outcome, and a cancelled waiter never cancels it), persists every new token before anyone
+uses it, classifies failures, and pauses logins after the ERP rejected the credentials so the
+service account is not locked out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import random
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import structlog
+
+from .errors import (
+    AuthFailed,
+    ConnectorUnavailable,
+    CredentialsRejected,
+    EncryptionKeyError,
+    RefreshRejected,
+    TokenEndpointError,
+    TokenError,
+)
+from .metrics import Metrics
+from .retry import backoff_delay
+from .secrets import register
+from .types import Authenticator, Clock, Coordinator, TokenStore
+
+log = structlog.get_logger("broker.tokens")
+
+#: Transient token-endpoint failures are retried after 1, 2, 4 … seconds, at most this long.
+TRANSIENT_BACKOFF_MAX = 60.0
+#: Longest automatic refresh-ahead margin (a 2-hour Infor token refreshes 5 minutes early).
+MAX_REFRESH_AHEAD = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """A credential as the ERP issued it. Times are Unix seconds."""
+
+    access: str = field(repr=False)
+    obtained_at: float
+    expires_at: float | None  # None: no lifetime known (a PSO session lives until rejected)
+    grant: str
+    refresh: str | None = field(default=None, repr=False)
+    refresh_expires_at: float | None = None
+    #: Where expires_at came from: "expires_in", "jwt", "default", "session_ttl" or "none".
+    lifetime_source: str = "expires_in"
+
+    def __post_init__(self) -> None:
+        register(self.access)
+        if self.refresh:
+            register(self.refresh)
+
+    def expired(self, now: float) -> bool:
+        """True once the token is too close to its expiry to be sent."""
+        if self.expires_at is None:
+            return False
+        lifetime = max(0.0, self.expires_at - self.obtained_at)
+        return now >= self.expires_at - min(5.0, 0.1 * lifetime)
+
+    def refresh_usable(self, now: float) -> bool:
+        if not self.refresh:
+            return False
+        return self.refresh_expires_at is None or now < self.refresh_expires_at - 1.0
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "access": self.access,
+                "refresh": self.refresh,
+                "obtained_at": self.obtained_at,
+                "expires_at": self.expires_at,
+                "refresh_expires_at": self.refresh_expires_at,
+                "grant": self.grant,
+                "lifetime_source": self.lifetime_source,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Token:
+        raw = orjson.loads(data)
+        return cls(
+            access=raw["access"],
+            refresh=raw.get("refresh"),
+            obtained_at=float(raw["obtained_at"]),
+            expires_at=raw.get("expires_at"),
+            refresh_expires_at=raw.get("refresh_expires_at"),
+            grant=raw.get("grant", "password"),
+            lifetime_source=raw.get("lifetime_source", "expires_in"),
+        )
+
+
+def jwt_expiry(value: str) -> float | None:
+    """The ``exp`` claim of a JWT-shaped token, without verifying it (we are not the audience)."""
+    parts = value.split(".")
+    if len(parts) != 3:
+        return None
+    payload = parts[1] + "=" * (-len(parts[1]) % 4)
+    try:
+        claims = orjson.loads(base64.urlsafe_b64decode(payload))
+    except (ValueError, orjson.JSONDecodeError):
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
+
+
+def token_from_oauth(
+    body: Any, *, grant: str, now: float, default_lifetime: float, previous: Token | None = None
+) -> Token:
+    """Build a Token from an OAuth2 token response; raise TokenEndpointError if it has none.
+
+    Lifetime comes from ``expires_in``, else the JWT ``exp``, else ``default_lifetime``. A
+    refresh response without a refresh token keeps the previous one (no rotation).
+    """
+    if not isinstance(body, dict) or not isinstance(body.get("access_token"), str):
+        raise TokenEndpointError("the token endpoint answered without an access_token")
+    access: str = body["access_token"]
+    if not access:
+        raise TokenEndpointError("the token endpoint answered with an empty access_token")
+    expires_in = body.get("expires_in")
+    source = "expires_in"
+    expires_at: float | None
+    if isinstance(expires_in, int | float | str) and str(expires_in).replace(".", "", 1).isdigit():
+        expires_at = now + float(expires_in)
+    elif (exp := jwt_expiry(access)) is not None:
+        expires_at, source = exp, "jwt"
+    else:
+        expires_at, source = now + default_lifetime, "default"
+    refresh = body.get("refresh_token")
+    refresh_expires_at: float | None = None
+    if isinstance(refresh, str) and refresh:
+        refresh_in = body.get("refresh_expires_in")
+        if isinstance(refresh_in, int | float) and refresh_in > 0:
+            refresh_expires_at = now + float(refresh_in)
+    elif previous is not None and previous.refresh:
+        refresh, refresh_expires_at = previous.refresh, previous.refresh_expires_at
+    else:
+        refresh = None
+    return Token(
+        access=access,
+        obtained_at=now,
+        expires_at=expires_at,
+        grant=grant,
+        refresh=refresh,
+        refresh_expires_at=refresh_expires_at,
+        lifetime_source=source,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPolicy:
+    """A connector's token settings, as the manager needs them."""
+
+    token_timeout: float = 10.0
+    refresh_ahead: float | None = None
+    login_pause_initial: float = 30.0
+    login_pause_max: float = 900.0
+    #: Longest a refresh grant may sit idle (Infor grants die after 30 days unused).
+    keepalive: float | None = None
+    revoke_on_shutdown: bool = False
+
+
+class LocalCoordinator:
+    """Coordination within one process: nothing to share beyond what the manager holds."""
+
+    def __init__(self, clock: Clock = time.time) -> None:
+        self._clock = clock
+        self._windows: dict[str, float] = {}
+        self._budgets: dict[str, list[float]] = {}
+
+    @contextlib.asynccontextmanager
+    async def _no_lock(self) -> Any:
+        yield
+
+    def refresh_lock(self, key: str) -> Any:
+        return self._no_lock()
+
+    async def wait_window(self, key: str) -> float:
+        return max(0.0, self._windows.get(key, 0.0) - self._clock())
+
+    async def set_window(self, key: str, until: float) -> None:
+        self._windows[key] = max(self._windows.get(key, 0.0), until)
+
+    async def take_budget(self, key: str, requests: int, per_seconds: float) -> float:
+        now = self._clock()
+        stamps = self._budgets.setdefault(key, [])
+        while stamps and stamps[0] <= now - per_seconds:
+            stamps.pop(0)
+        if len(stamps) < requests:
+            stamps.append(now)
+            return 0.0
+        return max(0.001, stamps[len(stamps) - requests] + per_seconds - now)
+
+
+class TokenManager:
+    """One connector's credential: fresh, single-flight, persisted."""
+
+    def __init__(
+        self,
+        name: str,
+        authenticator: Authenticator,
+        store: TokenStore,
+        store_key: str,
+        metrics: Metrics,
+        *,
+        policy: TokenPolicy | None = None,
+        coordinator: Coordinator | None = None,
+        clock: Clock = time.time,
+    ) -> None:
+        self.name = name
+        self._auth = authenticator
+        self._store = store
+        self._key = store_key
+        self._metrics = metrics
+        self._policy = policy or TokenPolicy()
+        self._coordinator: Coordinator = coordinator or LocalCoordinator(clock)
+        self._clock = clock
+        self._current: Token | None = None
+        self._rejected: Token | None = None  # the current token, after the ERP refused it
+        self._inflight: asyncio.Task[Token] | None = None
+        self._changed = asyncio.Event()
+        self._background: asyncio.Task[None] | None = None
+        # Failure state (monotonic times).
+        self._paused_until = 0.0
+        self._pause_step = 0.0
+        self._retry_at = 0.0
+        self._transient_failures = 0
+        self.last_error: str | None = None
+        self.last_error_kind: str | None = None
+        self.last_refresh: float | None = None
+        self._rng = random.Random()
+        metrics.connector_up.labels(name).set(0)
+        metrics.token_expiry.labels(name).set(0)
+        metrics.login_paused.labels(name).set(0)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Adopt a persisted token if it is still valid, then keep the credential fresh."""
+        stored = await self._load_stored()
+        if stored is not None and (not stored.expired(self._clock()) or stored.refresh_usable(self._clock())):
+            self._set_current(stored, persisted=True)
+            log.info(
+                "token_loaded",
+                connector=self.name,
+                expires_at=stored.expires_at,
+                valid=not stored.expired(self._clock()),
+            )
+        self._background = asyncio.create_task(self._keep_fresh(), name=f"refresh-{self.name}")
+
+    async def stop(self, *, revoke: bool = False) -> None:
+        """Stop refreshing; revoke the grant if asked, the connector revokes on shutdown, and
+        this process owns the grant alone (never a grant other replicas share)."""
+        for task in (self._background, self._inflight):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._background = self._inflight = None
+        token = self._current
+        if revoke and self._policy.revoke_on_shutdown and token is not None and not self._store.shared:
+            try:
+                async with asyncio.timeout(self._policy.token_timeout):
+                    await self._auth.revoke(token)
+                await self._store.delete(self._key)
+                log.info("token_revoked", connector=self.name)
+            except (TokenError, TimeoutError, OSError) as exc:
+                log.warning("token_revoke_failed", connector=self.name, error=str(exc))
+
+    # -- what requests use -------------------------------------------------------------------
+
+    @property
+    def current(self) -> Token | None:
+        return self._current
+
+    def usable(self) -> bool:
+        token = self._current
+        return token is not None and token is not self._rejected and not token.expired(self._clock())
+
+    async def get(self) -> Token:
+        """A credential that has not expired, waiting for a token request if needed."""
+        token = self._current
+        if token is not None and token is not self._rejected and not token.expired(self._clock()):
+            return token
+        return await self._wait_for_new(reason="expired" if token else "none")
+
+    async def reject(self, token: Token) -> Token:
+        """The ERP refused ``token``: get a new one, unless another request already did."""
+        if token is self._current and token is not self._rejected:
+            self._rejected = token
+            self._update_gauges()
+            log.info("token_rejected_by_erp", connector=self.name)
+        current = self._current
+        if current is not None and current is not token and current is not self._rejected:
+            if not current.expired(self._clock()):
+                return current
+        return await self._wait_for_new(reason="rejected")
+
+    async def refresh_now(self) -> Token:
+        """Force a token request now (admin ``refresh``); bypasses a login pause. The current
+        token stays in use if the request fails."""
+        self._paused_until = 0.0
+        self._retry_at = 0.0
+        return await self._wait_for_new(reason="admin", force=True)
+
+    # -- single flight -----------------------------------------------------------------------
+
+    async def _wait_for_new(
+        self, *, reason: str, force: bool = False, background: bool = False
+    ) -> Token:
+        now = time.monotonic()
+        if not force and self._inflight is None:
+            if now < self._paused_until:
+                raise ConnectorUnavailable(
+                    f"logins are paused for {self._paused_until - now:.0f}s because the ERP "
+                    f"rejected the configured credentials ({self.last_error})",
+                    connector=self.name,
+                )
+            if now < self._retry_at:
+                raise AuthFailed(
+                    f"no credential could be obtained: {self.last_error}; next try in "
+                    f"{self._retry_at - now:.0f}s",
+                    connector=self.name,
+                )
+        task = self._inflight
+        if task is None:
+            task = self._inflight = asyncio.create_task(self._obtain(reason), name=f"token-{self.name}")
+            task.add_done_callback(self._flight_done)
+        elif not background:
+            self._metrics.refresh_waiters.labels(self.name).inc()
+        try:
+            # shield: a waiter that gives up (timeout, client gone) never cancels the request
+            # the others are waiting for.
+            async with asyncio.timeout(self._policy.token_timeout):
+                return await asyncio.shield(task)
+        except TimeoutError:
+            raise AuthFailed(
+                f"no credential within {self._policy.token_timeout:g}s: the token endpoint "
+                "is slow or unreachable",
+                connector=self.name,
+            ) from None
+        except CredentialsRejected as exc:
+            raise AuthFailed(
+                f"the ERP rejected the configured credentials: {exc}", connector=self.name
+            ) from None
+        except TokenError as exc:
+            raise AuthFailed(f"no credential could be obtained: {exc}", connector=self.name) from None
+
+    def _flight_done(self, task: asyncio.Task[Token]) -> None:
+        if self._inflight is task:
+            self._inflight = None
+        if not task.cancelled():
+            task.exception()  # retrieved: waiters and the background loop report it
+
+    async def _obtain(self, reason: str) -> Token:
+        """Refresh or log in (the one token request in flight), then persist and publish."""
+        async with self._coordinator.refresh_lock(self._key):
+            adopted = await self._adopt_from_store()
+            if adopted is not None:
+                return adopted
+            previous = self._current
+            now = self._clock()
+            try:
+                token: Token | None = None
+                if previous is not None and previous.refresh_usable(now):
+                    try:
+                        token = await self._call("refresh_token", self._auth.refresh(previous))
+                    except RefreshRejected as exc:
+                        log.info("refresh_rejected", connector=self.name, error=str(exc))
+                if token is None:
+                    token = await self._call(self._auth.login_grant, self._auth.login())
+            except CredentialsRejected as exc:
+                self._on_rejected(exc)
+                raise
+            except TokenError as exc:
+                self._on_transient(exc)
+                raise
+            await self._persist(token)
+            self._set_current(token)
+            log.info(
+                "token_obtained",
+                connector=self.name,
+                grant=token.grant,
+                reason=reason,
+                expires_in=None if token.expires_at is None else round(token.expires_at - now, 1),
+                lifetime_source=token.lifetime_source,
+            )
+            return token
+
+    async def _call(self, grant: str, request: Awaitable[Token]) -> Token:
+        """One token request, timed, counted and bounded by the token timeout."""
+        started = time.perf_counter()
+        outcome = "failure"
+        try:
+            async with asyncio.timeout(self._policy.token_timeout):
+                token = await request
+            outcome = "success"
+            return token
+        except TimeoutError:
+            raise TokenEndpointError(
+                f"the token endpoint did not answer within {self._policy.token_timeout:g}s"
+            ) from None
+        finally:
+            self._metrics.token_requests.labels(self.name, grant, outcome).inc()
+            self._metrics.token_request_duration.labels(self.name).observe(
+                time.perf_counter() - started
+            )
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    async def _load_stored(self) -> Token | None:
+        try:
+            return await self._store.load(self._key)
+        except EncryptionKeyError:
+            raise  # a startup error: the operator must fix the key
+        except Exception as exc:  # a broken store must not stop the connector
+            self._metrics.store_errors.labels("load").inc()
+            log.error("store_load_failed", connector=self.name, error=str(exc))
+            return None
+
+    async def _adopt_from_store(self) -> Token | None:
+        """With a shared store, another replica may have just obtained a newer token."""
+        if not self._store.shared:
+            return None
+        stored = await self._load_stored()
+        current = self._current
+        if (
+            stored is None
+            or stored.expired(self._clock())
+            or (current is not None and stored.obtained_at <= current.obtained_at)
+            or (current is not None and stored.access == current.access)
+        ):
+            return None
+        self._set_current(stored, persisted=True)
+        log.info("token_adopted", connector=self.name)
+        return stored
+
+    async def _persist(self, token: Token) -> None:
+        # Written before use: with rotating refresh tokens, the old one is already dead.
+        try:
+            await self._store.save(self._key, token)
+        except Exception as exc:
+            self._metrics.store_errors.labels("save").inc()
+            log.error("store_save_failed", connector=self.name, error=str(exc))
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def _set_current(self, token: Token, *, persisted: bool = False) -> None:
+        self._current = token
+        self._rejected = None
+        self._paused_until = 0.0
+        self._pause_step = 0.0
+        self._retry_at = 0.0
+        self._transient_failures = 0
+        if not persisted:
+            self.last_refresh = token.obtained_at
+            self._metrics.token_last_refresh.labels(self.name).set(token.obtained_at)
+            self.last_error = self.last_error_kind = None
+        self._metrics.login_paused.labels(self.name).set(0)
+        self._update_gauges()
+        self._changed.set()
+
+    def _update_gauges(self) -> None:
+        token = self._current
+        self._metrics.token_expiry.labels(self.name).set(
+            token.expires_at if token is not None and token.expires_at is not None else 0
+        )
+        self._metrics.connector_up.labels(self.name).set(1 if self.usable() else 0)
+
+    def _on_rejected(self, exc: CredentialsRejected) -> None:
+        first = self._pause_step == 0.0
+        self._pause_step = (
+            self._policy.login_pause_initial
+            if first
+            else min(self._policy.login_pause_max, self._pause_step * 2)
+        )
+        self._paused_until = time.monotonic() + self._pause_step
+        self.last_error, self.last_error_kind = str(exc), exc.kind
+        self._metrics.login_paused.labels(self.name).set(1)
+        self._update_gauges()
+        # Logged once per state change, with the pause: not once per request.
+        log.error(
+            "credentials_rejected",
+            connector=self.name,
+            error=str(exc),
+            login_paused_seconds=self._pause_step,
+        )
+
+    def _on_transient(self, exc: TokenError) -> None:
+        delay = max(
+            0.5,
+            backoff_delay(self._transient_failures, 1.0, TRANSIENT_BACKOFF_MAX, self._rng),
+        )
+        self._transient_failures += 1
+        self._retry_at = time.monotonic() + delay
+        self.last_error, self.last_error_kind = str(exc), exc.kind
+        self._update_gauges()
+        log.warning(
+            "token_request_failed",
+            connector=self.name,
+            error=str(exc),
+            retry_in=round(delay, 2),
+            failures=self._transient_failures,
+        )
+
+    def status(self) -> dict[str, Any]:
+        """What ``/connectors`` shows: state and times, never a secret."""
+        token = self._current
+        now = self._clock()
+        if time.monotonic() < self._paused_until:
+            state = "paused"
+        elif token is None:
+            state = "none"
+        elif token is self._rejected:
+            state = "rejected"
+        elif token.expired(now):
+            state = "expired"
+        else:
+            state = "valid"
+        return {
+            "token_state": state,
+            "expires_at": token.expires_at if token else None,
+            "expires_in": None
+            if token is None or token.expires_at is None
+            else round(token.expires_at - now, 1),
+            "lifetime_source": token.lifetime_source if token else None,
+            "has_refresh_token": bool(token and token.refresh),
+            "last_refresh": self.last_refresh,
+            "last_error": self.last_error,
+            "last_error_kind": self.last_error_kind,
+        }
+
+    # -- background refresh -------------------------------------------------------------------
+
+    def _next_due(self) -> float:
+        """Seconds until the background loop should request a token (may be <= 0)."""
+        mono = time.monotonic()
+        if mono < self._paused_until:
+            return self._paused_until - mono
+        if mono < self._retry_at:
+            return self._retry_at - mono
+        token = self._current
+        if token is None or token is self._rejected:
+            return 0.0
+        now = self._clock()
+        due = float("inf")
+        if token.expires_at is not None:
+            lifetime = max(0.0, token.expires_at - token.obtained_at)
+            ahead = self._policy.refresh_ahead
+            if ahead is None:
+                ahead = min(MAX_REFRESH_AHEAD, 0.2 * lifetime)
+            due = token.expires_at - ahead - now
+        if self._policy.keepalive is not None and token.refresh:
+            due = min(due, token.obtained_at + self._policy.keepalive - now)
+        return due
+
+    async def _keep_fresh(self) -> None:
+        while True:
+            self._changed.clear()
+            due = self._next_due()
+            if due > 0:
+                with contextlib.suppress(TimeoutError):
+                    # Wake early when the token changes (a 401 refresh, an admin refresh).
+                    async with asyncio.timeout(min(due, 3600.0)):
+                        await self._changed.wait()
+                continue
+            try:
+                await self._wait_for_new(reason="refresh_ahead", background=True)
+            except (AuthFailed, ConnectorUnavailable):
+                pass  # state, logs and metrics were updated where it failed
+            except Exception as exc:  # never let the loop die
+                log.exception("refresh_loop_error", connector=self.name, error=str(exc))
+                await asyncio.sleep(1.0)
+            else:
+                self._update_gauges()

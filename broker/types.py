@@ -1,0 +1,91 @@
+"""The broker's extension points, kept small and in one place.
+
+* :class:`Authenticator` — one per ERP kind: acquires, refreshes, revokes and applies a
+  credential. It never retries and never decides policy; :class:`~broker.tokens.TokenManager`
+  and the proxy's send loop do.
+* :class:`TokenStore` — persistence of tokens (SQLite, Redis, memory).
+* :class:`Coordinator` — what a fleet must share: the refresh lock, rate-limit windows and
+  the request budget. Local (one process) or Redis (many replicas).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Protocol
+
+from multidict import CIMultiDict
+
+if TYPE_CHECKING:
+    from .tokens import Token
+
+#: Wall-clock seconds (``time.time``); injectable so token expiry can be tested.
+Clock = Callable[[], float]
+
+
+class Authenticator(Protocol):
+    """How one ERP kind obtains and presents a credential."""
+
+    #: The grant a plain login uses, for metrics (``password`` or ``session``).
+    login_grant: str
+
+    async def login(self) -> Token:
+        """Obtain a credential from the configured secrets (password grant / session login)."""
+        ...
+
+    async def refresh(self, token: Token) -> Token:
+        """Use ``token``'s refresh token; raise RefreshRejected when it is dead."""
+        ...
+
+    async def revoke(self, token: Token) -> None:
+        """Give the grant back to the ERP (best effort)."""
+        ...
+
+    def apply(self, headers: CIMultiDict[str], token: Token) -> None:
+        """Put the credential on an outgoing request."""
+        ...
+
+
+class TokenStore(Protocol):
+    """Durable token storage, keyed by ``<connector>:<credential fingerprint>``."""
+
+    async def load(self, key: str) -> Token | None: ...
+
+    async def save(self, key: str, token: Token) -> None:
+        """Durably write ``token`` (it must survive a crash the moment this returns)."""
+        ...
+
+    async def delete(self, key: str) -> None: ...
+
+    async def get_blob(self, key: str) -> bytes | None:
+        """Other cached data (discovered OpenAPI documents)."""
+        ...
+
+    async def put_blob(self, key: str, value: bytes) -> None: ...
+
+    async def close(self) -> None: ...
+
+    @property
+    def shared(self) -> bool:
+        """True when other processes use the same tokens (then never revoke them)."""
+        ...
+
+
+class Coordinator(Protocol):
+    """What replicas of one fleet share beyond the tokens themselves."""
+
+    def refresh_lock(self, key: str) -> AbstractAsyncContextManager[None]:
+        """Held while a token request for ``key`` runs: one in flight across the fleet."""
+        ...
+
+    async def wait_window(self, key: str) -> float:
+        """Seconds until the connector's current rate-limit window closes (0 if none)."""
+        ...
+
+    async def set_window(self, key: str, until: float) -> None:
+        """Extend the connector's rate-limit window to wall-clock time ``until``."""
+        ...
+
+    async def take_budget(self, key: str, requests: int, per_seconds: float) -> float:
+        """Take one request from a sliding-window budget; return 0, or seconds to wait first."""
+        ...

@@ -1,0 +1,99 @@
+"""Shared fixtures: real ERP simulators on loopback (HTTPS with a test CA), real brokers."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import trustme
+
+from broker.app import Broker, BrokerServer
+from broker.config import parse_config
+from broker.sandbox import IfsApps10Sim
+
+BrokerFactory = Callable[..., Awaitable[BrokerServer]]
+
+
+@pytest.fixture(scope="session")
+def tls_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def server_ssl(tls_ca: trustme.CA) -> ssl.SSLContext:
+    """The simulators serve HTTPS: the default path under test is the real one."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls_ca.issue_cert("localhost", "127.0.0.1").configure_cert(context)
+    return context
+
+
+@pytest.fixture(scope="session")
+def ca_file(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    tls_ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+@pytest.fixture
+async def ifs_sim(server_ssl: ssl.SSLContext) -> AsyncIterator[IfsApps10Sim]:
+    sim = IfsApps10Sim()
+    await sim.start(ssl_context=server_ssl)
+    yield sim
+    await sim.stop()
+
+
+def ifs_connector(sim: IfsApps10Sim, ca_file: str, **overrides: Any) -> dict[str, Any]:
+    """Connector config for an IfsApps10Sim, as a user would write it."""
+    return {
+        "type": "ifs_apps10",
+        "base_url": sim.url,
+        "realm": sim.realm,
+        "client_id": sim.client_id,
+        "client_secret": sim.client_secret,
+        "username": sim.username,
+        "password": sim.password,
+        "ca_file": ca_file,
+        **overrides,
+    }
+
+
+@pytest.fixture
+def store_path(tmp_path: Path) -> str:
+    return str(tmp_path / "tokens.db")
+
+
+@pytest.fixture
+async def make_broker(store_path: str) -> AsyncIterator[BrokerFactory]:
+    """Start brokers on free loopback ports; all are stopped at the end of the test."""
+    servers: list[BrokerServer] = []
+
+    async def make(connectors: dict[str, Any], **top: Any) -> BrokerServer:
+        config = parse_config(
+            {
+                "listen": "127.0.0.1:0",
+                "admin_listen": "127.0.0.1:0",
+                "store": {"sqlite": store_path},
+                "grace_period": 2,
+                "connectors": connectors,
+                **top,
+            }
+        )
+        server = BrokerServer(Broker(config))
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        await server.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """The app's HTTP client: nothing decompressed, nothing followed."""
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session

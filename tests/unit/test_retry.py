@@ -1,0 +1,59 @@
+"""Retry-After parsing and the retry budget."""
+
+from __future__ import annotations
+
+import email.utils
+import random
+
+from broker.retry import RetryBudget, backoff_delay, parse_retry_after, should_retry
+
+
+class TestRetryAfter:
+    def test_seconds(self) -> None:
+        """delta-seconds form."""
+        assert parse_retry_after("2", now=0) == 2.0
+
+    def test_http_date(self) -> None:
+        """HTTP-date form, measured from now; a past date means now."""
+        now = 1_700_000_000.0
+        date = email.utils.formatdate(now + 5, usegmt=True)
+        assert parse_retry_after(date, now=now) == 5.0
+        assert parse_retry_after(email.utils.formatdate(now - 50, usegmt=True), now=now) == 0.0
+
+    def test_garbage_is_ignored(self) -> None:
+        """Unparseable values fall back to backoff (None)."""
+        for value in (None, "", "soon", "-3", "Mon, 99 Foo"):
+            assert parse_retry_after(value, now=0) is None
+
+
+class TestBackoff:
+    def test_full_jitter_is_capped(self) -> None:
+        """Delays stay within [0, min(cap, base*2**n)]."""
+        rng = random.Random(1)
+        for attempt in range(10):
+            delay = backoff_delay(attempt, 0.5, 30, rng)
+            assert 0 <= delay <= min(30, 0.5 * 2**attempt)
+
+
+class TestBudget:
+    def test_count_single_and_total_caps(self) -> None:
+        """At most max_retries, no wait over max_wait, no more than max_total in all."""
+        budget = RetryBudget(max_retries=3, max_wait=30, max_total=60)
+        assert not budget.allows(31)
+        budget.spend(30)
+        assert budget.allows(30)
+        budget.spend(29)
+        assert not budget.allows(2)
+        budget.spend(1)
+        assert not budget.allows(0)
+
+
+class TestShouldRetry:
+    def test_429_every_method_504_idempotent_only(self) -> None:
+        """A POST is never retried after a 504; 429 is retried for every method."""
+        assert should_retry(429, "POST") == "rate_limited"
+        assert should_retry(504, "GET") == "gateway_timeout"
+        assert should_retry(504, "PUT") == "gateway_timeout"
+        assert should_retry(504, "POST") is None
+        assert should_retry(504, "PATCH") is None
+        assert should_retry(500, "GET") is None
