@@ -89,6 +89,12 @@ class Broker:
             with contextlib.suppress(Exception):
                 await self.store.close()
 
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait until every connector holds a usable credential; TimeoutError otherwise."""
+        async with asyncio.timeout(timeout):
+            for connector in self.connectors.values():
+                await connector.tokens.wait_usable(timeout)
+
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         detail: dict[str, Any] = {}
         ready = not self.draining

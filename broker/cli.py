@@ -118,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"erp-broker {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, func: Callable[[argparse.Namespace], int], help_: str
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument(
             "-c",
@@ -132,12 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("run", cmd_run, "run the broker until SIGTERM/SIGINT")
     command("check", cmd_check, "validate the config and print it with secrets masked")
-    p = command("test-connection", cmd_test_connection, "obtain a credential and call the ERP's check endpoint")
+    p = command(
+        "test-connection",
+        cmd_test_connection,
+        "obtain a credential and call the ERP's check endpoint",
+    )
     p.add_argument("name", nargs="?", help="connector name")
     p.add_argument("--all", action="store_true", help="test every connector")
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.add_argument("-v", "--verbose", action="store_true", help="log token events to stdout")
-    p = command("discover", cmd_discover, "list an IFS Apps 10 instance's projections and operations")
+    p = command(
+        "discover", cmd_discover, "list an IFS Apps 10 instance's projections and operations"
+    )
     p.add_argument("name", help="an ifs_apps10 connector")
     p.add_argument("--projection", help="show the operations of this projection only")
     p.add_argument("--format", choices=["table", "json"], default="table")

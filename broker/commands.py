@@ -63,7 +63,9 @@ async def status(config: Config, fmt: str) -> int:
         print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
         return EXIT_OK
     now = time.time()
-    rows = [["CONNECTOR", "TYPE", "ROUTE", "UPSTREAM", "TOKEN", "EXPIRES", "LAST REFRESH", "LAST ERROR"]]
+    rows = [
+        ["CONNECTOR", "TYPE", "ROUTE", "UPSTREAM", "TOKEN", "EXPIRES", "LAST REFRESH", "LAST ERROR"]
+    ]
     for name, info in data.items():
         rows.append(
             [

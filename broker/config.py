@@ -150,7 +150,9 @@ class ConnectorBase(_Model):
             return None
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"base_url must be a full http(s) URL, e.g. https://host (got {value!r})")
+            raise ValueError(
+                f"base_url must be a full http(s) URL, e.g. https://host (got {value!r})"
+            )
         if parts.query or parts.fragment:
             raise ValueError("base_url must not have a query or fragment")
         return value.rstrip("/")
@@ -461,7 +463,9 @@ def _resolve_string(text: str, env: Mapping[str, str]) -> str:
                 raise ValueError(f"file {path} is empty")
             return content
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", body):
-            raise ValueError(f"${{{body}}} is not a valid reference: use ${{NAME}} or ${{file:/path}}")
+            raise ValueError(
+                f"${{{body}}} is not a valid reference: use ${{NAME}} or ${{file:/path}}"
+            )
         if body not in env:
             raise ValueError(f"environment variable {body} is not set")
         if not env[body]:
@@ -490,7 +494,7 @@ def _walk(node: Any, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], A
 def resolve_references(
     data: Any, env: Mapping[str, str] | None = None
 ) -> tuple[Any, list[tuple[str, str]]]:
-    """Substitute ``${NAME}`` and ``${file:/path}`` in place; return (data, [(key path, problem)])."""
+    """Substitute ``${NAME}`` and ``${file:/path}`` in place; return (data, problems)."""
     env = os.environ if env is None else env
     problems: list[tuple[str, str]] = []
     for path, container, key in list(_walk(data, ())):
@@ -527,7 +531,9 @@ def _problem_text(error: Mapping[str, Any]) -> str:
     return message
 
 
-def parse_config(data: Any, source: str = "<memory>", env: Mapping[str, str] | None = None) -> Config:
+def parse_config(
+    data: Any, source: str = "<memory>", env: Mapping[str, str] | None = None
+) -> Config:
     """Validate already-parsed YAML data (references are resolved here)."""
     if data is None:
         data = {}

@@ -122,9 +122,7 @@ class RateLimited(ProxyError):
 
 def error_response(error: ProxyError) -> web.Response:
     """The one mapping from a broker error to an HTTP response."""
-    body = {
-        "error": {"code": error.code, "message": error.message, "connector": error.connector}
-    }
+    body = {"error": {"code": error.code, "message": error.message, "connector": error.connector}}
     return web.Response(
         status=error.status,
         body=orjson.dumps(body),

@@ -40,7 +40,10 @@ def _redact_value(value: Any) -> Any:
     if isinstance(value, Secret):
         return MASK
     if isinstance(value, dict):
-        return {k: MASK if str(k).lower() in _SECRET_KEYS else _redact_value(v) for k, v in value.items()}
+        return {
+            k: MASK if str(k).lower() in _SECRET_KEYS else _redact_value(v)
+            for k, v in value.items()
+        }
     if isinstance(value, list | tuple):
         return [_redact_value(v) for v in value]
     if isinstance(value, BaseException):
@@ -85,7 +88,12 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     renderer: Any
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
-        tail: list[Any] = [structlog.processors.StackInfoRenderer(), redact, renderer, _scrub_rendered]
+        tail: list[Any] = [
+            structlog.processors.StackInfoRenderer(),
+            redact,
+            renderer,
+            _scrub_rendered,
+        ]
         factory: Any = structlog.PrintLoggerFactory(stream)
     else:
         tail = [

@@ -180,7 +180,9 @@ class Proxy:
                 connector, rest, query = self._route(request)
                 connector.metrics.inflight.labels(connector.name).inc()
                 try:
-                    response, attempts = await self.forward(request, connector, rest, query, request_id)
+                    response, attempts = await self.forward(
+                        request, connector, rest, query, request_id
+                    )
                 finally:
                     connector.metrics.inflight.labels(connector.name).dec()
             except ProxyError as exc:
@@ -276,7 +278,9 @@ class Proxy:
             if reason is not None and body.replayable:
                 wait = parse_retry_after(upstream.headers.get("Retry-After"), time.time())
                 if wait is None:
-                    wait = backoff_delay(budget.retries, config.retry.base_delay, config.retry.max_wait)
+                    wait = backoff_delay(
+                        budget.retries, config.retry.base_delay, config.retry.max_wait
+                    )
                 if budget.allows(wait):
                     upstream.release()
                     budget.spend(wait)

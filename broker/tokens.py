@@ -229,6 +229,7 @@ class TokenManager:
         self._rejected: Token | None = None  # the current token, after the ERP refused it
         self._inflight: asyncio.Task[Token] | None = None
         self._changed = asyncio.Event()
+        self._has_token = asyncio.Event()
         self._background: asyncio.Task[None] | None = None
         # Failure state (monotonic times).
         self._paused_until = 0.0
@@ -248,7 +249,9 @@ class TokenManager:
     async def start(self) -> None:
         """Adopt a persisted token if it is still valid, then keep the credential fresh."""
         stored = await self._load_stored()
-        if stored is not None and (not stored.expired(self._clock()) or stored.refresh_usable(self._clock())):
+        if stored is not None and (
+            not stored.expired(self._clock()) or stored.refresh_usable(self._clock())
+        ):
             self._set_current(stored, persisted=True)
             log.info(
                 "token_loaded",
@@ -268,7 +271,12 @@ class TokenManager:
                     await task
         self._background = self._inflight = None
         token = self._current
-        if revoke and self._policy.revoke_on_shutdown and token is not None and not self._store.shared:
+        if (
+            revoke
+            and self._policy.revoke_on_shutdown
+            and token is not None
+            and not self._store.shared
+        ):
             try:
                 async with asyncio.timeout(self._policy.token_timeout):
                     await self._auth.revoke(token)
@@ -285,7 +293,16 @@ class TokenManager:
 
     def usable(self) -> bool:
         token = self._current
-        return token is not None and token is not self._rejected and not token.expired(self._clock())
+        return (
+            token is not None and token is not self._rejected and not token.expired(self._clock())
+        )
+
+    async def wait_usable(self, timeout: float) -> None:
+        """Wait until the connector has held a usable credential (readiness, demo, tests)."""
+        async with asyncio.timeout(timeout):
+            while not self.usable():
+                self._has_token.clear()
+                await self._has_token.wait()
 
     async def get(self) -> Token:
         """A credential that has not expired, waiting for a token request if needed."""
@@ -334,7 +351,9 @@ class TokenManager:
                 )
         task = self._inflight
         if task is None:
-            task = self._inflight = asyncio.create_task(self._obtain(reason), name=f"token-{self.name}")
+            task = self._inflight = asyncio.create_task(
+                self._obtain(reason), name=f"token-{self.name}"
+            )
             task.add_done_callback(self._flight_done)
         elif not background:
             self._metrics.refresh_waiters.labels(self.name).inc()
@@ -354,7 +373,9 @@ class TokenManager:
                 f"the ERP rejected the configured credentials: {exc}", connector=self.name
             ) from None
         except TokenError as exc:
-            raise AuthFailed(f"no credential could be obtained: {exc}", connector=self.name) from None
+            raise AuthFailed(
+                f"no credential could be obtained: {exc}", connector=self.name
+            ) from None
 
     def _flight_done(self, task: asyncio.Task[Token]) -> None:
         if self._inflight is task:
@@ -469,6 +490,7 @@ class TokenManager:
         self._metrics.login_paused.labels(self.name).set(0)
         self._update_gauges()
         self._changed.set()
+        self._has_token.set()
 
     def _update_gauges(self) -> None:
         token = self._current

@@ -93,7 +93,8 @@ class Connector:
             log.warning(
                 "tls_verification_disabled",
                 connector=name,
-                message=f"connector {name}: tls_verify is false; the ERP's certificate is not checked",
+                message=f"connector {name}: tls_verify is false; "
+                "the ERP's certificate is not checked",
             )
 
     def url_for(self, rest: str, query: str) -> URL:
@@ -124,9 +125,11 @@ class Connector:
         if limit is None:
             return
         waited = 0.0
-        while (wait := await self.coordinator.take_budget(
-            f"{self.name}:budget", limit.requests, limit.per_seconds
-        )) > 0:
+        while (
+            wait := await self.coordinator.take_budget(
+                f"{self.name}:budget", limit.requests, limit.per_seconds
+            )
+        ) > 0:
             if waited + wait > limit.max_wait:
                 raise RateLimited(
                     f"the connector's rate_limit ({limit.requests} per {limit.per_seconds:g}s) "

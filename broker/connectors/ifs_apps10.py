@@ -16,13 +16,17 @@ class IfsApps10Authenticator:
 
     login_grant = "password"
 
-    def __init__(self, config: IfsApps10Config, session: aiohttp.ClientSession, clock: Clock) -> None:
+    def __init__(
+        self, config: IfsApps10Config, session: aiohttp.ClientSession, clock: Clock
+    ) -> None:
         self._config = config
         self._session = session
         self._clock = clock
         self.token_url = config.resolved_token_url()
 
-    async def _grant(self, grant: str, form: dict[str, str], previous: Token | None = None) -> Token:
+    async def _grant(
+        self, grant: str, form: dict[str, str], previous: Token | None = None
+    ) -> Token:
         config = self._config
         form |= {"client_id": config.client_id, "client_secret": config.client_secret.get()}
         now = self._clock()

@@ -23,7 +23,11 @@ REFRESH_GRANT = "refresh_token"
 def describe(body: Any) -> str:
     """A short, secret-free description of an error body."""
     if isinstance(body, dict):
-        parts = [str(body[k]) for k in ("error", "error_description", "Message", "message") if body.get(k)]
+        parts = [
+            str(body[k])
+            for k in ("error", "error_description", "Message", "message")
+            if body.get(k)
+        ]
         text = ": ".join(parts)
     else:
         text = ""
@@ -64,12 +68,13 @@ async def post_form(
         ) from None
     except (aiohttp.ClientError, OSError) as exc:
         raise TokenEndpointError(
-            f"cannot reach the token endpoint {URL(url).host}: "
-            f"{type(exc).__name__}"
+            f"cannot reach the token endpoint {URL(url).host}: {type(exc).__name__}"
         ) from None
 
 
-def classify_oauth(status: int, body: Any, *, grant: str, credentials_hint: str, client_hint: str) -> Any:
+def classify_oauth(
+    status: int, body: Any, *, grant: str, credentials_hint: str, client_hint: str
+) -> Any:
     """Return the JSON body of a successful answer; raise the right TokenError otherwise."""
     if status == 200:
         if not isinstance(body, dict):
@@ -79,9 +84,14 @@ def classify_oauth(status: int, body: Any, *, grant: str, credentials_hint: str,
     error = body.get("error") if isinstance(body, dict) else None
     if status == 429 or status >= 500:
         raise TokenEndpointError(f"the token endpoint answered {status} {detail}".rstrip())
-    if grant == REFRESH_GRANT and status in (400, 401) and error not in (
-        "invalid_client",
-        "unauthorized_client",
+    if (
+        grant == REFRESH_GRANT
+        and status in (400, 401)
+        and error
+        not in (
+            "invalid_client",
+            "unauthorized_client",
+        )
     ):
         raise RefreshRejected(f"refresh token rejected ({status} {detail})")
     if error in ("invalid_client", "unauthorized_client"):

@@ -15,8 +15,10 @@ from ..errors import EncryptionKeyError, StoreError
 from ..tokens import Token
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS tokens (key TEXT PRIMARY KEY, value BLOB NOT NULL, updated_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS blobs (key TEXT PRIMARY KEY, value BLOB NOT NULL, updated_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens
+    (key TEXT PRIMARY KEY, value BLOB NOT NULL, updated_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS blobs
+    (key TEXT PRIMARY KEY, value BLOB NOT NULL, updated_at REAL NOT NULL);
 """
 
 

@@ -96,7 +96,7 @@ class TestEncryption:
 
     def test_bad_key_format(self) -> None:
         """A key that is not 32 bytes of base64 is a config error naming the key."""
-        with pytest.raises(ConfigError, match="store.encryption_key"):
+        with pytest.raises(ConfigError, match=r"store\.encryption_key"):
             Codec(Secret("not-base64!"))
         with pytest.raises(ConfigError, match="32 bytes"):
             Codec(Secret(base64.b64encode(b"short").decode()))

@@ -152,7 +152,7 @@ class TestSingleFlight:
         auth = FakeAuth(clock)
         auth.gate = asyncio.Event()  # never set
         manager, _, _ = make_manager(auth, clock, token_timeout=0.2)
-        with pytest.raises(AuthFailed, match="within 0.2s"):
+        with pytest.raises(AuthFailed, match=r"within 0\.2s"):
             await manager.get()
 
 
