@@ -5,12 +5,20 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 import orjson
 import yaml
+
+
+def free_port() -> int:
+    """A loopback port free right now (the tiny race is acceptable in tests)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class BrokerProcess:

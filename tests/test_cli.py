@@ -161,3 +161,36 @@ class TestRun:
         assert (line["connector"], line["method"], line["status"], line["attempts"], line["request_id"]) == ("ifs", "POST", 200, 2, "abc-1")
         assert line["duration_ms"] > 0 and line["level"] == "info" and "timestamp" in line
         assert any(e.get("event") == "token_obtained" for e in proc.events)
+
+
+class TestStatus:
+    async def test_table_from_a_running_broker(self, tmp_path: Path, ifs_sim: IfsApps10Sim, ca_file: str) -> None:
+        """status prints one row per connector with its token state, read from admin_listen."""
+        from .procs import free_port
+
+        config = base_config(tmp_path, {"ifs": ifs_connector(ifs_sim, ca_file)})
+        config["admin_listen"] = f"127.0.0.1:{free_port()}"
+        proc = await BrokerProcess(config, tmp_path).start()
+        try:
+            await proc.wait_for_event("token_obtained")
+            result = await asyncio.to_thread(cli, "status", "-c", str(proc.config_path))
+        finally:
+            proc.signal(signal.SIGTERM)
+            await proc.wait()
+        assert result.returncode == 0, result.stderr
+        header, row = result.stdout.splitlines()
+        assert header.split()[:5] == ["CONNECTOR", "TYPE", "ROUTE", "UPSTREAM", "TOKEN"]
+        assert row.split()[:5] == ["ifs", "ifs_apps10", "/ifs/", "localhost", "valid"]
+
+    def test_no_broker_running(self, tmp_path: Path) -> None:
+        """With nothing on admin_listen, status exits 1 and says where it looked."""
+        from .procs import free_port
+
+        port = free_port()
+        path = tmp_path / "b.yaml"
+        path.write_text(yaml.safe_dump({"admin_listen": f"127.0.0.1:{port}", "connectors": {"ifs": {
+            "type": "ifs_apps10", "domain": "erp.example.com", "realm": "r", "client_id": "c",
+            "client_secret": "s", "username": "u", "password": "p"}}}))
+        result = cli("status", "-c", str(path))
+        assert result.returncode == 1
+        assert f"127.0.0.1:{port}" in result.stderr
