@@ -1,0 +1,472 @@
+"""IFS Applications 10 / IFS Cloud simulator: Keycloak (IFS IAM) in front of IFS OData projections.
+
+Routes (besides the shared ``/_sandbox/`` and ``/_test/`` ones of :mod:`broker.sandbox.base`)::
+
+    POST /auth/realms/{realm}/protocol/openid-connect/token    password / refresh_token grants
+    POST /auth/realms/{realm}/protocol/openid-connect/logout   refresh_token + client → 204
+    POST /auth/realms/{realm}/protocol/openid-connect/revoke   RFC 7009 token revocation → 200
+    GET  /auth/realms/{realm}/.well-known/openid-configuration
+    POST /openid-connect-provider/idp/token                    Native Apps 10 provider (same grants)
+    GET  /openid-connect-provider/.well-known/openid-configuration
+    *    /main/ifsapplications/projection/v1/{Projection}.svc/...   OData v4, Bearer:
+         GET  AllProjections.svc/Projections        {"value": [{"Name", "Description"}, ...]}
+         GET  <P>.svc/                              service document
+         GET  <P>.svc/$metadata                     EDMX
+         GET  <P>.svc/$openapi[?V3|?V2]             OpenAPI 3.0.1 / Swagger 2.0
+         GET  <P>.svc/<Set>[?$top=&$select=]        {"@odata.context", "value": [...]}
+         POST <P>.svc/<Set>                         201 with the new entity
+         GET|PATCH|DELETE <P>.svc/<Set>(<key>)      e.g. CustomerInfoSet(CustomerId='10%2F7')
+
+Projections: CustomerHandling (CustomerInfoSet), PurchaseOrderHandling (PurchaseOrderSet),
+WorkOrderHandling (ActiveSeparateSet, numeric key ``WoNo=1001``). Recorded grants: the form's
+``grant_type`` (``password``, ``refresh_token``, ...), ``logout``, ``revoke``.
+
+Keycloak's answers: bad user credentials 401 ``invalid_grant`` "Invalid user credentials";
+unknown client 401 ``invalid_client``; wrong client secret 401 ``unauthorized_client``;
+dead/used/unknown refresh token 400 ``invalid_grant`` "Token is not active"; unknown grant 400
+``unsupported_grant_type``; missing grant or non-form body 400 ``invalid_request``; wrong realm
+404 ``{"error": "Realm does not exist"}``. ``id_token`` is only issued when ``scope`` has
+``openid`` (as Keycloak does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import urllib.parse
+import uuid
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import orjson
+from aiohttp import web
+
+from .base import (
+    JSON,
+    ApiCall,
+    Simulator,
+    TokenCall,
+    Validator,
+    as_bool,
+    as_int,
+    as_str,
+    json_response,
+    mint_jwt,
+    oauth_error,
+    token_response,
+)
+from .ifs_projections import (
+    BY_NAME,
+    PROJECTIONS,
+    EntitySet,
+    Projection,
+    metadata_xml,
+    openapi_document,
+    parse_key,
+)
+
+API_PREFIX = "/main/ifsapplications/projection/v1"
+REFRESH = frozenset({"refresh"})
+_DEFAULT_SCOPES = ("profile", "email")
+_KNOWN_SCOPES = frozenset(
+    {"openid", "microprofile-jwt", "profile", "email", "roles", "offline_access"}
+)
+_RESOURCE = re.compile(r"(?P<set>[A-Za-z_]\w*)(?:\((?P<key>.*)\))?")
+
+
+def odata_error(status: int, code: str, message: str) -> web.Response:
+    return json_response({"error": {"code": code, "message": message}}, status)
+
+
+class IfsApps10Sim(Simulator):
+    """Keycloak + IFS OData; credentials are plain attributes a test may change."""
+
+    settable: ClassVar[Mapping[str, Validator]] = {
+        **Simulator.settable,
+        "client_id": as_str,
+        "client_secret": as_str,
+        "username": as_str,
+        "password": as_str,
+        "token_lifetime": as_int,
+        "refresh_lifetime": as_int,
+        "rotate_refresh": as_bool,
+        "omit_expires_in": as_bool,
+    }
+
+    def __init__(
+        self,
+        *,
+        realm: str = "ifsapps",
+        client_id: str = "erp-broker",
+        client_secret: str = "ifs-client-secret",
+        username: str = "IFSAPP",
+        password: str = "ifs-password",
+        token_lifetime: int = 180,
+        refresh_lifetime: int = 1800,
+        rotate_refresh: bool = False,
+        omit_expires_in: bool = False,
+    ) -> None:
+        super().__init__()
+        self.realm = realm
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.username = username
+        self.password = password
+        self.token_lifetime = token_lifetime
+        self.refresh_lifetime = refresh_lifetime
+        #: Keycloak's "Revoke Refresh Token": each refresh kills the refresh token it used.
+        self.rotate_refresh = rotate_refresh
+        self.omit_expires_in = omit_expires_in
+        self.user_id = str(uuid.uuid4())
+        #: Entity data per (projection, entity set): POST / PATCH / DELETE change it.
+        self.entities: dict[tuple[str, str], list[JSON]] = {
+            (p.name, es.name): [dict(row) for row in es.rows]
+            for p in PROJECTIONS
+            for es in p.entity_sets
+        }
+
+    # routes ------------------------------------------------------------------------------
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        oidc = "/auth/realms/{realm}/protocol/openid-connect"
+        router.add_post(oidc + "/token", self.token_route(self._token))
+        router.add_post(oidc + "/logout", self.token_route(self._logout, "logout"))
+        router.add_post(oidc + "/revoke", self.token_route(self._revoke, "revoke"))
+        router.add_get("/auth/realms/{realm}/.well-known/openid-configuration", self._discovery)
+        router.add_post("/openid-connect-provider/idp/token", self.token_route(self._token))
+        router.add_get("/openid-connect-provider/.well-known/openid-configuration", self._discovery)
+        router.add_route("*", API_PREFIX + "/{tail:.*}", self.api_route(self._odata))
+
+    def unauthorized(self, request: web.Request, credential: str | None) -> web.Response:
+        challenge = f'Bearer realm="{self.realm}"'
+        if credential is not None:
+            challenge += ', error="invalid_token", error_description="Token is not active"'
+        response = odata_error(
+            401, "ODP_UNAUTHORIZED", "The access token is missing, invalid or expired."
+        )
+        response.headers["WWW-Authenticate"] = challenge
+        return response
+
+    # Keycloak ----------------------------------------------------------------------------
+
+    def _issuer(self, request: web.Request) -> str:
+        if "realm" in request.match_info:
+            return f"{self.url}/auth/realms/{self.realm}"
+        return f"{self.url}/openid-connect-provider"
+
+    def _realm_missing(self, request: web.Request) -> web.Response | None:
+        realm = request.match_info.get("realm")
+        if realm is not None and realm != self.realm:
+            return json_response({"error": "Realm does not exist"}, 404)
+        return None
+
+    def _client_problem(self, call: TokenCall) -> web.Response | None:
+        problem = self.client_matches(call, self.client_id, self.client_secret)
+        if problem == "unknown_client":
+            return oauth_error(
+                401, "invalid_client", "Invalid client or Invalid client credentials"
+            )
+        if problem == "bad_secret":
+            return oauth_error(
+                401, "unauthorized_client", "Invalid client or Invalid client credentials"
+            )
+        return None
+
+    def _precheck(
+        self, request: web.Request, call: TokenCall, *, needs_grant: bool = False
+    ) -> web.Response | None:
+        """What Keycloak checks before the grant itself, in its order: realm, form, client."""
+        if (problem := self._realm_missing(request)) is not None:
+            return problem
+        if not call.is_form:
+            return oauth_error(
+                400, "invalid_request", "Expected an application/x-www-form-urlencoded body"
+            )
+        if needs_grant and not call.form.get("grant_type"):
+            return oauth_error(400, "invalid_request", "Missing form parameter: grant_type")
+        return self._client_problem(call)
+
+    async def _token(self, request: web.Request, call: TokenCall) -> web.Response:
+        if (problem := self._precheck(request, call, needs_grant=True)) is not None:
+            return problem
+        grant_type = call.form["grant_type"]
+        if grant_type == "password":
+            username = call.form.get("username", "")
+            if (
+                username.lower() != self.username.lower()
+                or call.form.get("password") != self.password
+            ):
+                return oauth_error(401, "invalid_grant", "Invalid user credentials")
+            scope = self._granted_scope(call.form.get("scope", ""))
+            return self._grant(request, self.new_grant_id(), str(uuid.uuid4()), scope)
+        if grant_type == "refresh_token":
+            refresh = call.form.get("refresh_token")
+            issued = self.live_token(refresh, REFRESH)
+            if refresh is None or issued is None:
+                return oauth_error(400, "invalid_grant", "Token is not active")
+            if self.rotate_refresh:
+                self.kill_token(refresh)
+            return self._grant(
+                request, issued.grant_id, issued.data["session_state"], issued.data["scope"]
+            )
+        return oauth_error(400, "unsupported_grant_type", "Unsupported grant_type")
+
+    @staticmethod
+    def _granted_scope(requested: str) -> str:
+        wanted = [s for s in requested.split() if s in _KNOWN_SCOPES]
+        return " ".join(dict.fromkeys([*wanted, *_DEFAULT_SCOPES]))
+
+    def _grant(
+        self, request: web.Request, grant_id: str, session_state: str, scope: str
+    ) -> web.Response:
+        issuer = self._issuer(request)
+        common = {
+            "iss": issuer,
+            "azp": self.client_id,
+            "session_state": session_state,
+            "sid": session_state,
+        }
+        user = {"preferred_username": self.username.lower(), "scope": scope}
+        access = self.issue(
+            "access",
+            grant_id=grant_id,
+            subject=self.user_id,
+            lifetime=self.token_lifetime,
+            claims={**common, **user, "typ": "Bearer", "aud": "account"},
+        )
+        refresh = self.issue(
+            "refresh",
+            grant_id=grant_id,
+            subject=self.user_id,
+            lifetime=self.refresh_lifetime,
+            claims={**common, "typ": "Refresh", "aud": issuer, "scope": scope},
+            data={"session_state": session_state, "scope": scope},
+        )
+        body: JSON = {"access_token": access}
+        if not self.omit_expires_in:
+            body["expires_in"] = self.token_lifetime
+        body |= {
+            "refresh_expires_in": self.refresh_lifetime,
+            "refresh_token": refresh,
+            "token_type": "Bearer",
+        }
+        if "openid" in scope.split():
+            body["id_token"] = mint_jwt(
+                {**common, **user, "typ": "ID", "aud": self.client_id, "sub": self.user_id}
+            )
+        body |= {"not-before-policy": 0, "session_state": session_state, "scope": scope}
+        return token_response(body)
+
+    async def _logout(self, request: web.Request, call: TokenCall) -> web.Response:
+        if (problem := self._precheck(request, call)) is not None:
+            return problem
+        refresh = call.form.get("refresh_token")
+        if refresh is None or self.live_token(refresh, REFRESH) is None:
+            return oauth_error(400, "invalid_grant", "Invalid refresh token")
+        self.revoke(refresh)
+        return web.Response(status=204)
+
+    async def _revoke(self, request: web.Request, call: TokenCall) -> web.Response:
+        if (problem := self._precheck(request, call)) is not None:
+            return problem
+        token = call.form.get("token")
+        if not token:
+            return oauth_error(400, "invalid_request", "Token not provided")
+        self.revoke(token)
+        return web.Response(status=200)
+
+    async def _discovery(self, request: web.Request) -> web.Response:
+        if (problem := self._realm_missing(request)) is not None:
+            return problem
+        issuer = self._issuer(request)
+        if "realm" in request.match_info:
+            base = f"{issuer}/protocol/openid-connect"
+            paths = {
+                "authorization": "auth",
+                "token": "token",
+                "userinfo": "userinfo",
+                "end_session": "logout",
+                "revocation": "revoke",
+                "jwks": "certs",
+            }
+        else:
+            base = f"{issuer}/idp"
+            paths = {
+                "authorization": "authorize",
+                "token": "token",
+                "userinfo": "userinfo",
+                "end_session": "logout",
+                "revocation": "revoke",
+                "jwks": "jwks",
+            }
+        doc: JSON = {"issuer": issuer}
+        for name, path in paths.items():
+            key = "jwks_uri" if name == "jwks" else f"{name}_endpoint"
+            doc[key] = f"{base}/{path}"
+        doc |= {
+            "grant_types_supported": [
+                "authorization_code",
+                "password",
+                "refresh_token",
+                "client_credentials",
+            ],
+            "response_types_supported": ["code", "id_token", "token id_token"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+            "scopes_supported": sorted(_KNOWN_SCOPES),
+        }
+        return json_response(doc)
+
+    # OData -------------------------------------------------------------------------------
+
+    async def _odata(self, request: web.Request, call: ApiCall) -> web.Response:
+        path, _, query_string = request.raw_path.partition("?")
+        service, _, resource = path[len(API_PREFIX) :].lstrip("/").partition("/")
+        query = urllib.parse.parse_qs(query_string, keep_blank_values=True)
+        if not service.endswith(".svc"):
+            return odata_error(404, "ODP_NOT_FOUND", f"No projection service at {path}")
+        name = urllib.parse.unquote(service[: -len(".svc")])
+        if urllib.parse.unquote(resource).startswith("$"):  # $metadata may come as %24metadata
+            resource = urllib.parse.unquote(resource)
+        if name == "AllProjections" and resource == "Projections":
+            return self._only_get(request) or self._projection_list()
+        projection = BY_NAME.get(name)
+        if projection is None:
+            return odata_error(404, "ODP_NOT_FOUND", f"The projection '{name}' does not exist")
+        service_url = self._service_url(projection.name)
+        if resource == "":
+            return self._only_get(request) or json_response(
+                {
+                    "@odata.context": f"{service_url}/$metadata",
+                    "value": [
+                        {"name": s.name, "kind": "EntitySet", "url": s.name}
+                        for s in projection.entity_sets
+                    ],
+                }
+            )
+        if resource == "$metadata":
+            return self._only_get(request) or web.Response(
+                text=metadata_xml(projection), content_type="application/xml"
+            )
+        if resource == "$openapi":
+            version = 2 if "V2" in query else 3
+            return self._only_get(request) or json_response(
+                openapi_document(projection, self.url, version)
+            )
+        match = _RESOURCE.fullmatch(resource)
+        entity_set = projection.entity_set(match["set"]) if match else None
+        if match is None or entity_set is None:
+            return odata_error(
+                404, "ODP_NOT_FOUND", f"Resource '{resource}' not found in {projection.name}"
+            )
+        context = f"{service_url}/$metadata#{entity_set.name}"
+        rows = self.entities[projection.name, entity_set.name]
+        if match["key"] is None:
+            return self._collection(request, call, projection, entity_set, rows, query, context)
+        key = parse_key(match["key"])
+        if key is not None and set(key) == {""} and len(entity_set.keys) == 1:
+            key = {entity_set.keys[0]: key[""]}  # the short form: Set('10%2F7')
+        if key is None:
+            return odata_error(400, "ODP_INVALID_KEY", f"Invalid key predicate ({match['key']})")
+        return self._entity(request, call, entity_set, rows, key, context)
+
+    def _service_url(self, projection: str) -> str:
+        return f"{self.url}{API_PREFIX}/{projection}.svc"
+
+    @staticmethod
+    def _only_get(request: web.Request) -> web.Response | None:
+        if request.method in ("GET", "HEAD"):
+            return None
+        return odata_error(405, "ODP_METHOD_NOT_ALLOWED", f"{request.method} is not allowed here")
+
+    def _projection_list(self) -> web.Response:
+        return json_response(
+            {
+                "@odata.context": self._service_url("AllProjections") + "/$metadata#Projections",
+                "value": [{"Name": p.name, "Description": p.description} for p in PROJECTIONS],
+            }
+        )
+
+    @staticmethod
+    def _etag(row: JSON) -> str:
+        digest = hashlib.sha256(orjson.dumps(row, option=orjson.OPT_SORT_KEYS)).hexdigest()[:20]
+        return f'W/"{digest}"'
+
+    def _collection(
+        self,
+        request: web.Request,
+        call: ApiCall,
+        projection: Projection,
+        entity_set: EntitySet,
+        rows: list[JSON],
+        query: dict[str, list[str]],
+        context: str,
+    ) -> web.Response:
+        if request.method == "POST":
+            try:
+                row = orjson.loads(call.body)
+                if not isinstance(row, dict) or any(k not in row for k in entity_set.keys):
+                    raise ValueError
+            except ValueError:
+                return odata_error(
+                    400,
+                    "ODP_INVALID_REQUEST",
+                    f"A {entity_set.entity_type} needs its keys {list(entity_set.keys)}",
+                )
+            if any(entity_set.key_of(r) == entity_set.key_of(row) for r in rows):
+                return odata_error(
+                    400, "DATABASE_ERROR", f"The {entity_set.entity_type} already exists."
+                )
+            rows.append(row)
+            return json_response(
+                {"@odata.context": context + "/$entity", "@odata.etag": self._etag(row), **row}, 201
+            )
+        if (problem := self._only_get(request)) is not None:
+            return problem
+        selected = rows
+        if top := query.get("$top"):
+            try:
+                selected = selected[: int(top[0])]
+            except ValueError:
+                return odata_error(400, "ODP_INVALID_REQUEST", f"Invalid $top: {top[0]}")
+        fields = query["$select"][0].split(",") if "$select" in query else None
+        value = [
+            {"@odata.etag": self._etag(row)}
+            | {k: v for k, v in row.items() if fields is None or k in fields}
+            for row in selected
+        ]
+        return json_response({"@odata.context": context, "value": value})
+
+    def _entity(
+        self,
+        request: web.Request,
+        call: ApiCall,
+        entity_set: EntitySet,
+        rows: list[JSON],
+        key: dict[str, str],
+        context: str,
+    ) -> web.Response:
+        wanted = tuple(key.get(k, "\0") for k in entity_set.keys)
+        row = next((r for r in rows if entity_set.key_of(r) == wanted), None)
+        if row is None or set(key) != set(entity_set.keys):
+            return odata_error(404, "ODP_NOT_FOUND", f"No {entity_set.entity_type} with key {key}")
+        if request.method == "DELETE":
+            rows.remove(row)
+            return web.Response(status=204)
+        if request.method == "PATCH":
+            try:
+                changes: Any = orjson.loads(call.body)
+                if not isinstance(changes, dict):
+                    raise ValueError
+            except ValueError:
+                return odata_error(400, "ODP_INVALID_REQUEST", "Expected a JSON object")
+            row.update({k: v for k, v in changes.items() if k not in entity_set.keys})
+            return web.Response(status=204, headers={"ETag": self._etag(row)})
+        if (problem := self._only_get(request)) is not None:
+            return problem
+        etag = self._etag(row)
+        return json_response(
+            {"@odata.context": context + "/$entity", "@odata.etag": etag, **row},
+            headers={"ETag": etag},
+        )
