@@ -1,0 +1,195 @@
+"""Fault injection through the simulator against a real broker: 429, 504, IdP failures,
+disconnects. Each test asserts what the client saw, what the ERP saw, and the metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+
+import aiohttp
+import pytest
+
+from broker.app import BrokerServer
+from broker.sandbox import IfsApps10Sim
+
+from .conftest import BrokerFactory, ifs_connector
+
+
+def metric(server: BrokerServer, name: str, **labels: str) -> float:
+    value = server.broker.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+@pytest.fixture
+async def broker(ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory) -> BrokerServer:
+    server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file)})
+    await server.broker.wait_ready(5)
+    return server
+
+
+class TestRateLimited:
+    async def test_retry_after_seconds_is_honoured(self, broker: BrokerServer, ifs_sim: IfsApps10Sim, http: aiohttp.ClientSession) -> None:
+        """429 with Retry-After: 1 → the retry reaches the ERP no sooner than 1 s later."""
+        ifs_sim.queue_api_response(429, headers={"Retry-After": "1"})
+        async with http.post(f"{broker.proxy_url}/ifs/_test/echo/x", data=b"p") as resp:
+            assert resp.status == 200
+        first, second = ifs_sim.api_requests
+        assert second.time - first.time >= 0.95
+        assert first.body == second.body == b"p"  # 429: retried for every method
+        assert metric(broker, "erp_broker_retries_total", connector="ifs", reason="rate_limited") == 1
+
+    async def test_retry_after_http_date_is_honoured(self, broker: BrokerServer, ifs_sim: IfsApps10Sim, http: aiohttp.ClientSession) -> None:
+        """429 with an HTTP-date Retry-After waits until that date."""
+        when = email.utils.formatdate(time.time() + 2, usegmt=True)
+        ifs_sim.queue_api_response(429, headers={"Retry-After": when})
+        async with http.get(f"{broker.proxy_url}/ifs/_test/echo/x") as resp:
+            assert resp.status == 200
+        first, second = ifs_sim.api_requests
+        assert second.time - first.time >= 0.9  # the date has one-second resolution
+
+    async def test_concurrent_clients_wait_out_one_window(self, broker: BrokerServer, ifs_sim: IfsApps10Sim, http: aiohttp.ClientSession) -> None:
+        """Ten clients during a Retry-After: 2 window cause no ERP request inside the window."""
+        ifs_sim.queue_api_response(429, headers={"Retry-After": "2"})
+        first = asyncio.create_task(http.get(f"{broker.proxy_url}/ifs/_test/echo/first"))
+        await ifs_sim.wait_for_api_requests(1)
+        window_start = ifs_sim.api_requests[0].time
+
+        async def one(i: int) -> int:
+            async with http.get(f"{broker.proxy_url}/ifs/_test/echo/{i}") as resp:
+                return resp.status
+
+        assert await asyncio.gather(*(one(i) for i in range(10))) == [200] * 10
+        (await first).release()
+        later = ifs_sim.api_requests[1:]
+        assert len(later) == 11
+        assert min(r.time for r in later) - window_start >= 1.95
+        assert metric(broker, "erp_broker_rate_limit_waits_total", connector="ifs") >= 10
+
+    async def test_budget_spent_returns_the_erps_answer(self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession) -> None:
+        """After max_retries, the ERP's own 429 (with its Retry-After) goes back unchanged."""
+        server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file, retry={"max_retries": 2, "base_delay": 0.01})})
+        ifs_sim.queue_api_response(429, headers={"Retry-After": "0"}, body=b"slow down", count=3)
+        async with http.get(f"{server.proxy_url}/ifs/_test/echo/x") as resp:
+            assert resp.status == 429
+            assert resp.headers["Retry-After"] == "0"
+            assert "X-Broker-Error" not in resp.headers
+            assert await resp.read() == b"slow down"
+        assert len(ifs_sim.api_requests) == 3
+
+    async def test_retry_after_over_max_wait_is_not_waited(self, broker: BrokerServer, ifs_sim: IfsApps10Sim, http: aiohttp.ClientSession) -> None:
+        """A Retry-After longer than max_wait (30 s) is passed back at once."""
+        ifs_sim.queue_api_response(429, headers={"Retry-After": "120"})
+        started = time.monotonic()
+        async with http.get(f"{broker.proxy_url}/ifs/_test/echo/x") as resp:
+            assert resp.status == 429
+        assert time.monotonic() - started < 2
+        assert len(ifs_sim.api_requests) == 1
+
+    async def test_full_wait_queue_answers_at_once(self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession) -> None:
+        """With max_queue waiters already in the window, the next request gets rate_limited now."""
+        server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file, retry={"max_queue": 2})})
+        ifs_sim.queue_api_response(429, headers={"Retry-After": "2"})
+        # The first request meets the 429 and waits out the window itself; one more fills the queue.
+        waiting = [asyncio.create_task(http.get(f"{server.proxy_url}/ifs/_test/echo/first"))]
+        await ifs_sim.wait_for_api_requests(1)
+        waiting.append(asyncio.create_task(http.get(f"{server.proxy_url}/ifs/_test/echo/second")))
+        async with asyncio.timeout(1.5):
+            while metric(server, "erp_broker_rate_limit_waits_total", connector="ifs") < 2:
+                await asyncio.sleep(0.01)
+            async with http.get(f"{server.proxy_url}/ifs/_test/echo/late") as resp:
+                assert resp.status == 429
+                assert resp.headers["X-Broker-Error"] == "rate_limited"
+        for task in waiting:
+            (await task).release()
+
+
+class TestGatewayTimeout:
+    async def test_post_after_504_reaches_the_erp_once(self, broker: BrokerServer, ifs_sim: IfsApps10Sim, http: aiohttp.ClientSession) -> None:
+        """A POST is never sent twice after a 504: the ERP may have processed it."""
+        ifs_sim.queue_api_response(504, body=b"gateway timeout")
+        async with http.post(f"{broker.proxy_url}/ifs/_test/echo/x", data=b"order") as resp:
+            assert resp.status == 504
+            assert "X-Broker-Error" not in resp.headers
+        assert len(ifs_sim.api_requests) == 1
+        assert metric(broker, "erp_broker_retries_total", connector="ifs", reason="gateway_timeout") == 0
+
+    @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
+    async def test_idempotent_request_is_retried(self, method: str, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession) -> None:
+        """GET, PUT and DELETE are retried after a 504 with backoff."""
+        server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file, retry={"base_delay": 0.05})})
+        ifs_sim.queue_api_response(504)
+        async with http.request(method, f"{server.proxy_url}/ifs/_test/echo/x", data=b"same") as resp:
+            assert resp.status == 200
+        assert [r.status for r in ifs_sim.api_requests] == [504, 200]
+        assert metric(server, "erp_broker_retries_total", connector="ifs", reason="gateway_timeout") == 1
+
+
+class TestIdentityProviderFaults:
+    @pytest.mark.parametrize(
+        ("status", "body"),
+        [(503, b"down"), (200, b""), (200, b'{"token_type": "Bearer"}'), (200, b"<html>proxy error</html>")],
+    )
+    async def test_expired_token_and_broken_idp_answer_auth_failed_fast(
+        self, status: int, body: bytes, server_ssl: object, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+    ) -> None:
+        """Once the token expired and the IdP answers garbage, requests get auth_failed quickly."""
+        async with IfsApps10Sim(token_lifetime=1) as sim:
+            await sim.stop()
+            await sim.start(ssl_context=server_ssl)  # type: ignore[arg-type]
+            server = await make_broker({"ifs": ifs_connector(sim, ca_file, token_timeout=3)})
+            await server.broker.wait_ready(5)
+            sim.queue_token_response(status, body=body, count=1000)
+            sim.expire_all_tokens()
+            started = time.monotonic()
+            async with http.get(f"{server.proxy_url}/ifs/_test/echo/x") as resp:
+                assert resp.status == 502
+                assert resp.headers["X-Broker-Error"] == "auth_failed"
+            assert time.monotonic() - started < 3
+            # Backoff, not a tight loop: a handful of token requests, not hundreds.
+            assert sim.count_token_requests() < 10
+            failures = sum(
+                metric(server, "erp_broker_token_requests_total", connector="ifs", grant=grant, outcome="failure")
+                for grant in ("password", "refresh_token")
+            )
+            assert failures >= 1
+
+    async def test_slow_idp_never_hangs_a_request(self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession) -> None:
+        """A token endpoint slower than token_timeout: auth_failed within the timeout."""
+        ifs_sim.token_delay = 5
+        server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file, token_timeout=0.5)})
+        started = time.monotonic()
+        async with http.get(f"{server.proxy_url}/ifs/_test/echo/x") as resp:
+            assert resp.status == 502
+            assert "0.5s" in (await resp.json())["error"]["message"]
+        assert time.monotonic() - started < 2
+
+
+class TestDisconnects:
+    async def test_client_gone_during_a_window_stops_its_retries(self, broker: BrokerServer, ifs_sim: IfsApps10Sim) -> None:
+        """A client that disconnects while its request waits out a 429 window is not retried."""
+        ifs_sim.queue_api_response(429, headers={"Retry-After": "2"})
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.5)) as impatient:
+            with pytest.raises(asyncio.TimeoutError):
+                await impatient.get(f"{broker.proxy_url}/ifs/_test/echo/x")
+        proxy = broker.broker.proxy
+        assert proxy is not None
+        async with asyncio.timeout(2):
+            await proxy.idle.wait()  # the handler was cancelled, not left sleeping
+        assert len(ifs_sim.api_requests) == 1
+
+    async def test_client_gone_mid_stream_leaks_nothing(self, broker: BrokerServer, ifs_sim: IfsApps10Sim) -> None:
+        """Closing a 64 MiB download early ends the upstream call; no handler stays behind."""
+        async with aiohttp.ClientSession() as http:
+            resp = await http.get(f"{broker.proxy_url}/ifs/_test/bytes/{64 * 1024 * 1024}")
+            await resp.content.readexactly(1024 * 1024)
+            resp.close()
+        proxy = broker.broker.proxy
+        assert proxy is not None
+        async with asyncio.timeout(3):
+            await proxy.idle.wait()
+        assert metric(broker, "erp_broker_inflight_requests", connector="ifs") == 0
+        session_connector = broker.broker.connectors["ifs"].session.connector
+        assert session_connector is not None
+        # The half-read upstream connection was closed, not returned to the pool.
+        assert sum(len(v) for v in session_connector._conns.values()) == 0
