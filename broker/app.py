@@ -18,6 +18,7 @@ from aiohttp import web
 
 from .config import Config
 from .errors import BrokerError
+from .listener import ProxyServer
 from .metrics import Metrics
 from .proxy import Proxy
 from .stores import open_store
@@ -54,7 +55,7 @@ class Broker:
     async def start(self) -> None:
         store = self._given_store or await open_store(self.config.store)
         self.store = store
-        self.metrics.store_up.set(1)
+        self.metrics.store_up.set_function(lambda: 1.0 if self.store_status()["up"] else 0.0)
         shared = getattr(store, "coordinator", None)
         if shared is not None:
             self.coordinator = shared
@@ -94,6 +95,16 @@ class Broker:
         async with asyncio.timeout(timeout):
             for connector in self.connectors.values():
                 await connector.tokens.wait_usable(timeout)
+
+    def store_status(self) -> dict[str, Any]:
+        """The token store's health. A shared store may be down while requests are served
+        (it does not make the broker unready), so it is reported beside the connectors."""
+        store = self.store
+        status = getattr(store, "status", None)
+        if callable(status):
+            return dict(status())
+        kind = type(store).__name__.removesuffix("Store").lower() if store else None
+        return {"type": kind, "up": store is not None}
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         detail: dict[str, Any] = {}
@@ -138,7 +149,7 @@ class BrokerServer:
         assert broker.proxy is not None
         config = broker.config
         try:
-            server = web.Server(broker.proxy.handle, handler_cancellation=True)
+            server = ProxyServer(broker.proxy.handle, handler_cancellation=True)
             self._proxy_runner = web.ServerRunner(
                 server, shutdown_timeout=config.grace_period, handle_signals=False
             )
