@@ -36,6 +36,7 @@ class BrokerProcess:
         self.proxy_url = ""
         self.admin_url = ""
         self._started = asyncio.Event()
+        self._printed = asyncio.Condition()
         self._reader: asyncio.Task[None] | None = None
         self._err_reader: asyncio.Task[bytes] | None = None
 
@@ -71,17 +72,23 @@ class BrokerProcess:
             except orjson.JSONDecodeError:
                 continue
             self.events.append(event)
+            async with self._printed:
+                self._printed.notify_all()
             if event.get("event") == "broker_started":
                 self.proxy_url, self.admin_url = event["listen"], event["admin_listen"]
                 self._started.set()
 
     async def wait_for_event(self, name: str, timeout: float = 10.0) -> dict[str, Any]:
-        async with asyncio.timeout(timeout):
-            while True:
-                for event in self.events:
-                    if event.get("event") == name:
-                        return event
-                await asyncio.sleep(0.02)
+        """The first log event called ``name``, waiting for it to be printed."""
+        await self.wait_for_event_count(name, 1, timeout)
+        return next(e for e in self.events if e.get("event") == name)
+
+    async def wait_for_event_count(self, name: str, count: int, timeout: float = 10.0) -> None:
+        """Wait until ``count`` log events called ``name`` have been printed."""
+        async with asyncio.timeout(timeout), self._printed:
+            await self._printed.wait_for(
+                lambda: sum(1 for e in self.events if e.get("event") == name) >= count
+            )
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         assert self.process is not None
