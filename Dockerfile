@@ -21,11 +21,13 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python -m pip install --no-cache-dir pip==24.3.1 setuptools==75.6.0 wheel==0.45.1
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY broker ./broker
+# requirements.lock pins every runtime dependency, transitive ones included: the image holds
+# exactly the versions that were tested and audited.
 RUN python -m pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /wheels . \
  && python -m venv /opt/erp-broker \
- && /opt/erp-broker/bin/pip install --no-cache-dir /wheels/*.whl \
+ && /opt/erp-broker/bin/pip install --no-cache-dir -c requirements.lock /wheels/*.whl \
  && /opt/erp-broker/bin/pip uninstall --yes pip setuptools
 
 FROM python:3.11.14-slim-bookworm

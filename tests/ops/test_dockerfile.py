@@ -160,3 +160,24 @@ class TestDockerignore:
         """Bytecode caches and SQLite token stores are excluded even inside allowed folders."""
         patterns = set(self.patterns())
         assert {"**/__pycache__", "**/*.db"} <= patterns
+
+
+class TestPinnedDependencies:
+    def test_lock_pins_every_runtime_dependency(self) -> None:
+        """requirements.lock pins (==) every dependency pyproject.toml declares, and the image uses it."""
+        import re
+        import tomllib
+
+        from .support import DOCKERFILE, ROOT
+
+        declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+        names = {re.split(r"[<>=!;\[ ]", d, maxsplit=1)[0].lower().replace("_", "-") for d in declared}
+        pinned = {}
+        for line in (ROOT / "requirements.lock").read_text().splitlines():
+            if line and not line.startswith("#"):
+                name, sep, version = line.partition("==")
+                assert sep and version, f"not pinned: {line}"
+                pinned[name.lower().replace("_", "-")] = version
+        assert names <= set(pinned), names - set(pinned)
+        text = DOCKERFILE.read_text()
+        assert "-c requirements.lock" in text and "requirements.lock" in (ROOT / ".dockerignore").read_text()
