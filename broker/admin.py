@@ -89,12 +89,20 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     broker = request.app[SERVER].broker
     ready, detail = broker.readiness()
-    body = {"ready": ready, "draining": broker.draining, "connectors": detail}
+    body = {
+        "ready": ready,
+        "draining": broker.draining,
+        "connectors": detail,
+        "store": broker.store_status(),
+    }
     return _json(body, 200 if ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    registry = request.app[SERVER].broker.metrics.registry
+    broker = request.app[SERVER].broker
+    for connector in broker.connectors.values():
+        connector.tokens.refresh_gauges()  # an expired token turns connector_up to 0 now
+    registry = broker.metrics.registry
     response = web.Response(body=generate_latest(registry))
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response
@@ -116,6 +124,49 @@ async def refresh(request: web.Request) -> web.Response:
     return _json({"refreshed": True, **connector_info(target)})
 
 
+async def test(request: web.Request) -> web.Response:
+    """A fresh login and the ERP's check endpoint, as ``erp-broker test-connection`` does."""
+    from .probe import probe
+
+    _require_operator(request)
+    target = _connector(request)
+    result = await probe(target.name, target.config)
+    return _json(result.to_json(), 200 if result.ok else 502)
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """IFS Apps 10 discovery with the connector's own session and credential."""
+    from .config import IfsApps10Config
+    from .discovery import Discovery
+
+    target = _connector(request)
+    config = target.config
+    if not isinstance(config, IfsApps10Config):
+        raise NoRoute(
+            f"connector {target.name!r} is {config.type}: API discovery is for ifs_apps10 "
+            "connectors",
+            connector=target.name,
+        )
+    refresh = request.query.get("refresh", "").lower() in ("1", "true", "yes")
+    if refresh:
+        _require_operator(request)  # it makes the ERP serve every document again
+    projection = request.query.get("projection") or None
+    discovery = Discovery(
+        target.name,
+        config,
+        target.route,
+        target.session,
+        target.tokens,
+        target.authenticator.apply,
+        request.app[SERVER].broker.store,
+        auth_statuses=target.auth_statuses,
+        before_send=target.wait_turn,
+    )
+    result = await discovery.run(projection, refresh=refresh)
+    failed = projection is not None and bool(result.failed)
+    return _json(result.to_json(), 502 if failed else 200)
+
+
 async def quit_(request: web.Request) -> web.Response:
     _require_operator(request)
     request.app[SERVER].broker.shutdown_requested.set()
@@ -131,6 +182,7 @@ def admin_app(server: BrokerServer) -> web.Application:
     app.router.add_get("/connectors", connectors)
     app.router.add_get("/connectors/{name}", connector)
     app.router.add_post("/connectors/{name}/refresh", refresh)
+    app.router.add_post("/connectors/{name}/test", test)
+    app.router.add_get("/connectors/{name}/openapi", openapi)
     app.router.add_post("/quitquitquit", quit_)
     return app
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from typing import Any
@@ -80,4 +81,102 @@ async def status(config: Config, fmt: str) -> int:
             ]
         )
     print(render_table(rows))
+    return EXIT_OK
+
+
+def _unknown(config: Config, name: str, command: str) -> int:
+    print(
+        f"{command}: no connector named {name!r} in {config.source}; configured: "
+        f"{', '.join(sorted(config.connectors))}",
+        file=sys.stderr,
+    )
+    return EXIT_USAGE
+
+
+async def test_connection(config: Config, name: str | None, fmt: str) -> int:
+    """``erp-broker test-connection NAME|--all``: a fresh login and the ERP's check endpoint."""
+    from .probe import probe
+
+    if name is not None and name not in config.connectors:
+        return _unknown(config, name, "test-connection")
+    names = list(config.connectors) if name is None else [name]
+    results = await asyncio.gather(*(probe(n, config.connectors[n]) for n in names))
+    ok = all(result.ok for result in results)
+    if fmt == "json":
+        body = {"ok": ok, "connectors": [result.to_json() for result in results]}
+        print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+    else:
+        width = max(len(n) for n in names)
+        for result in results:
+            for warning in result.warnings:
+                print(f"warning: {result.connector}: {warning}", file=sys.stderr)
+            mark = "ok  " if result.ok else "FAIL"
+            print(f"{mark}  {result.connector.ljust(width)}  {result.message}")
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+async def discover(
+    config: Config, name: str, projection: str | None, fmt: str, refresh: bool
+) -> int:
+    """``erp-broker discover NAME``: an IFS Apps 10 instance's projections and operations.
+
+    Runs from the config alone: a fresh login, and the documents cached in the config's store.
+    """
+    from .config import IfsApps10Config
+    from .connectors import build_authenticator
+    from .direct import FreshCredentials, direct_session
+    from .discovery import Discovery, render_table
+    from .errors import BrokerError, ProxyError, StoreError, TokenError
+    from .stores import open_store
+    from .types import TokenStore
+
+    if name not in config.connectors:
+        return _unknown(config, name, "discover")
+    connector = config.connectors[name]
+    if not isinstance(connector, IfsApps10Config):
+        print(
+            f"discover: connector {name!r} is {connector.type}: API discovery is for ifs_apps10",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    store: TokenStore | None
+    try:
+        store = await open_store(config.store)
+    except StoreError as exc:
+        print(f"warning: the store cannot be used, nothing is cached: {exc}", file=sys.stderr)
+        store = None
+    try:
+        async with direct_session(connector) as session:
+            authenticator = build_authenticator(connector, session, time.time)
+            credentials = FreshCredentials(authenticator, timeout=connector.token_timeout)
+            discovery = Discovery(
+                name,
+                connector,
+                config.route_of(name),
+                session,
+                credentials,
+                authenticator.apply,
+                store,
+                auth_statuses=frozenset({401, *connector.auth_failure_statuses}),
+            )
+            try:
+                result = await discovery.run(projection, refresh=refresh)
+            finally:
+                await credentials.close()
+    except (TokenError, ProxyError) as exc:
+        message = exc.message if isinstance(exc, ProxyError) else f"login failed: {exc}"
+        print(f"discover: {name}: {message}", file=sys.stderr)
+        return EXIT_FAILED
+    except BrokerError as exc:
+        print(f"discover: {name}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        if store is not None:
+            await store.close()
+    if fmt == "json":
+        print(orjson.dumps(result.to_json(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(render_table(result))
+    if projection is not None and result.failed:
+        return EXIT_FAILED
     return EXIT_OK

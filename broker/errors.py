@@ -15,7 +15,8 @@
         ├── UpstreamUnreachable     502 upstream_unreachable
         ├── UpstreamTimeout         504 upstream_timeout
         ├── ConnectorUnavailable    503 connector_unavailable
-        └── RateLimited             429 rate_limited (client-side budget or wait queue full)
+        ├── RateLimited             429 rate_limited (client-side budget or wait queue full)
+        └── DiscoveryFailed         502 discovery_failed (IFS projection list / $openapi)
 
 Messages never contain a secret: they name the setting to check instead.
 """
@@ -118,6 +119,11 @@ class ConnectorUnavailable(ProxyError):
 class RateLimited(ProxyError):
     status = 429
     code = "rate_limited"
+
+
+class DiscoveryFailed(ProxyError):
+    status = 502
+    code = "discovery_failed"
 
 
 def error_response(error: ProxyError) -> web.Response:

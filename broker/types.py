@@ -3,6 +3,8 @@
 * :class:`Authenticator` — one per ERP kind: acquires, refreshes, revokes and applies a
   credential. It never retries and never decides policy; :class:`~broker.tokens.TokenManager`
   and the proxy's send loop do.
+* :class:`CredentialSource` — where a caller outside the proxy (API discovery) gets a
+  credential: the running connector's token manager, or a fresh login from the config.
 * :class:`TokenStore` — persistence of tokens (SQLite, Redis, memory).
 * :class:`Coordinator` — what a fleet must share: the refresh lock, rate-limit windows and
   the request budget. Local (one process) or Redis (many replicas).
@@ -43,6 +45,16 @@ class Authenticator(Protocol):
 
     def apply(self, headers: CIMultiDict[str], token: Token) -> None:
         """Put the credential on an outgoing request."""
+        ...
+
+
+class CredentialSource(Protocol):
+    """A current credential, and a new one once the ERP has refused it."""
+
+    async def get(self) -> Token: ...
+
+    async def reject(self, token: Token) -> Token:
+        """``token`` was refused (401): return another, obtaining one if needed."""
         ...
 
 

@@ -13,7 +13,8 @@ import trustme
 
 from broker.app import Broker, BrokerServer
 from broker.config import parse_config
-from broker.sandbox import IfsApps10Sim
+from broker.sandbox import IfsApps10Sim, InforIonSim, PsoSim
+from broker.types import TokenStore
 
 BrokerFactory = Callable[..., Awaitable[BrokerServer]]
 
@@ -62,6 +63,40 @@ def ifs_connector(sim: IfsApps10Sim, ca_file: str, **overrides: Any) -> dict[str
 
 
 @pytest.fixture
+async def pso_sim(server_ssl: ssl.SSLContext) -> AsyncIterator[PsoSim]:
+    sim = PsoSim()
+    await sim.start(ssl_context=server_ssl)
+    yield sim
+    await sim.stop()
+
+
+def pso_connector(sim: PsoSim, ca_file: str, **overrides: Any) -> dict[str, Any]:
+    """Connector config for a PsoSim, as a user would write it."""
+    return {
+        "type": "ifs_pso",
+        "base_url": sim.url,
+        "account_id": sim.account_id,
+        "username": sim.username,
+        "password": sim.password,
+        "ca_file": ca_file,
+        **overrides,
+    }
+
+
+@pytest.fixture
+async def infor_sim(server_ssl: ssl.SSLContext) -> AsyncIterator[InforIonSim]:
+    sim = InforIonSim()
+    await sim.start(ssl_context=server_ssl)
+    yield sim
+    await sim.stop()
+
+
+def infor_connector(sim: InforIonSim, ca_file: str, **overrides: Any) -> dict[str, Any]:
+    """Connector config for an InforIonSim: the .ionapi content inline (``ionapi:``)."""
+    return {"type": "infor_ion", "ionapi": sim.ionapi(), "ca_file": ca_file, **overrides}
+
+
+@pytest.fixture
 def store_path(tmp_path: Path) -> str:
     return str(tmp_path / "tokens.db")
 
@@ -71,7 +106,9 @@ async def make_broker(store_path: str) -> AsyncIterator[BrokerFactory]:
     """Start brokers on free loopback ports; all are stopped at the end of the test."""
     servers: list[BrokerServer] = []
 
-    async def make(connectors: dict[str, Any], **top: Any) -> BrokerServer:
+    async def make(
+        connectors: dict[str, Any], *, store: TokenStore | None = None, **top: Any
+    ) -> BrokerServer:
         config = parse_config(
             {
                 "listen": "127.0.0.1:0",
@@ -82,7 +119,7 @@ async def make_broker(store_path: str) -> AsyncIterator[BrokerFactory]:
                 **top,
             }
         )
-        server = BrokerServer(Broker(config))
+        server = BrokerServer(Broker(config, store=store))
         await server.start()
         servers.append(server)
         return server

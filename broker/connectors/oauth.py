@@ -7,6 +7,7 @@ the token manager owns it.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,20 +45,30 @@ async def read_json(response: aiohttp.ClientResponse) -> Any:
         return None
 
 
+def basic_auth(user: str, password: str) -> str:
+    """An HTTP Basic ``Authorization`` value (aiohttp's BasicAuth is deprecated)."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+
+
 async def post_form(
     session: aiohttp.ClientSession,
     url: str,
     form: Mapping[str, str],
     *,
-    auth: aiohttp.BasicAuth | None = None,
+    client: tuple[str, str] | None = None,
 ) -> tuple[int, Any]:
-    """POST a form, returning (status, parsed JSON or None); network errors are transient."""
+    """POST a form, returning (status, parsed JSON or None); network errors are transient.
+
+    ``client`` (id, secret) is sent as HTTP Basic authentication.
+    """
+    headers = {"Accept": "application/json"}
+    if client is not None:
+        headers["Authorization"] = basic_auth(*client)
     try:
         async with session.post(
             url,
             data=dict(form),
-            auth=auth,
-            headers={"Accept": "application/json"},
+            headers=headers,
             allow_redirects=False,
         ) as response:
             return response.status, await read_json(response)
@@ -67,8 +78,10 @@ async def post_form(
             "or the server certificate"
         ) from None
     except (aiohttp.ClientError, OSError) as exc:
+        target = URL(url)
         raise TokenEndpointError(
-            f"cannot reach the token endpoint {URL(url).host}: {type(exc).__name__}"
+            f"cannot reach the token endpoint {target.host}:{target.port} "
+            f"({type(exc).__name__}): check domain/base_url and that the host is reachable"
         ) from None
 
 

@@ -1,0 +1,404 @@
+"""IFS Applications 10 API discovery: projections, their OpenAPI documents, their operations.
+
+The projection list comes from ``<base>/<projections_path>`` (OData ``{"value": [{"Name",
+"Description"}]}``); each projection's document from ``<base>/<projection_base>/<P>.svc/$openapi``
+(OpenAPI 3, or Swagger 2), fetched a few at a time with the connector's credential and cached
+in the token store under ``openapi:<connector>:<projection>`` until a refresh is asked for. One
+projection that fails is reported with its error; it never fails the listing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+import structlog
+from multidict import CIMultiDict
+from yarl import URL
+
+from .config import IfsApps10Config
+from .errors import DiscoveryFailed, ProxyError, TokenError
+from .tokens import Token
+from .types import Clock, CredentialSource, TokenStore
+
+log = structlog.get_logger("broker.discovery")
+
+#: Documents fetched at the same time (an IFS instance exposes thousands of projections).
+DEFAULT_CONCURRENCY = 4
+#: A projection's document is large, but not this large.
+MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
+HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+CACHE_PREFIX = "openapi"
+
+Apply = Callable[[CIMultiDict[str], Token], None]
+
+
+def cache_key(connector: str, projection: str) -> str:
+    return f"{CACHE_PREFIX}:{connector}:{projection}"
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    method: str
+    path: str
+    summary: str
+    operation_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "path": self.path,
+            "summary": self.summary,
+            "operation_id": self.operation_id,
+        }
+
+
+def document_version(document: Any) -> str | None:
+    """``openapi 3.0.1`` / ``swagger 2.0``, or None for something else."""
+    if not isinstance(document, dict):
+        return None
+    for key in ("openapi", "swagger"):
+        if isinstance(document.get(key), str):
+            return f"{key} {document[key]}"
+    return None
+
+
+def parse_operations(document: Any) -> list[Operation]:
+    """Every operation of an OpenAPI 3 or Swagger 2 document, in the document's order."""
+    if document_version(document) is None:
+        raise ValueError("not an OpenAPI 3 or Swagger 2 document")
+    paths = document.get("paths")
+    if not isinstance(paths, dict):
+        raise ValueError("the OpenAPI document has no paths")
+    operations: list[Operation] = []
+    for path, item in paths.items():
+        if not isinstance(item, dict):
+            continue
+        for method in HTTP_METHODS:
+            op = item.get(method)
+            if not isinstance(op, dict):
+                continue
+            summary = op.get("summary") or op.get("description") or ""
+            summary = str(summary).strip().splitlines()[0] if str(summary).strip() else ""
+            operation_id = op.get("operationId")
+            operations.append(
+                Operation(
+                    method.upper(),
+                    str(path),
+                    summary,
+                    operation_id if isinstance(operation_id, str) else None,
+                )
+            )
+    return operations
+
+
+@dataclass(slots=True)
+class ProjectionApi:
+    """One projection: where it lives, and its operations (or why they are missing)."""
+
+    name: str
+    description: str
+    service_path: str
+    proxy_path: str
+    operations: list[Operation] = field(default_factory=list)
+    openapi_version: str | None = None
+    fetched_at: float | None = None
+    cached: bool = False
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "service_path": self.service_path,
+            "proxy_path": self.proxy_path,
+            "openapi_version": self.openapi_version,
+            "fetched_at": self.fetched_at,
+            "cached": self.cached,
+            "error": self.error,
+            "operations": [op.to_json() for op in self.operations],
+        }
+
+
+@dataclass(slots=True)
+class DiscoveryResult:
+    connector: str
+    base: str
+    projections: list[ProjectionApi]
+    listing_error: str | None = None
+
+    @property
+    def failed(self) -> list[ProjectionApi]:
+        return [p for p in self.projections if p.error is not None]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "connector": self.connector,
+            "upstream": self.base,
+            "projection_count": len(self.projections),
+            "operation_count": sum(len(p.operations) for p in self.projections),
+            "failed": len(self.failed),
+            "listing_error": self.listing_error,
+            "projections": [p.to_json() for p in self.projections],
+        }
+
+
+class Discovery:
+    """Discovery for one ``ifs_apps10`` connector, with whatever credential source it is given:
+    the running connector's token manager (admin API) or a fresh login (command line)."""
+
+    def __init__(
+        self,
+        name: str,
+        config: IfsApps10Config,
+        route: str,
+        session: aiohttp.ClientSession,
+        credentials: CredentialSource,
+        apply: Apply,
+        store: TokenStore | None,
+        *,
+        auth_statuses: frozenset[int] = frozenset({401}),
+        before_send: Callable[[], Awaitable[None]] | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        clock: Clock = time.time,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.route = route
+        self.base = config.upstream_base().rstrip("/")
+        self._session = session
+        self._credentials = credentials
+        self._apply = apply
+        self._store = store
+        self._auth_statuses = auth_statuses
+        self._before_send = before_send
+        self._concurrency = concurrency
+        self._clock = clock
+
+    # -- HTTP ----------------------------------------------------------------------------------
+
+    async def _get(self, path: str) -> tuple[int, bytes]:
+        """GET ``<base>/<path>`` with the credential; once more with a new one after a 401."""
+        url = URL(f"{self.base}/{path.lstrip('/')}", encoded=True)
+        token = await self._credentials.get()
+        status, body = await self._send(url, token)
+        if status in self._auth_statuses:
+            token = await self._credentials.reject(token)
+            status, body = await self._send(url, token)
+        return status, body
+
+    async def _send(self, url: URL, token: Token) -> tuple[int, bytes]:
+        if self._before_send is not None:
+            await self._before_send()
+        # identity: the connector's session does not decompress (the proxy passes bytes on).
+        headers: CIMultiDict[str] = CIMultiDict(
+            {"Accept": "application/json", "Accept-Encoding": "identity"}
+        )
+        self._apply(headers, token)
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                async with self._session.get(
+                    url, headers=headers, allow_redirects=False
+                ) as response:
+                    return response.status, await self._read_limited(response)
+        except TimeoutError:
+            raise DiscoveryFailed(
+                f"{url.path}: the ERP did not answer within {self.config.timeout:g}s",
+                connector=self.name,
+            ) from None
+        except aiohttp.ClientSSLError as exc:
+            raise DiscoveryFailed(
+                f"TLS error talking to {url.host} ({type(exc).__name__}): check ca_file",
+                connector=self.name,
+            ) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise DiscoveryFailed(
+                f"cannot reach {url.host}: {type(exc).__name__}", connector=self.name
+            ) from None
+
+    async def _read_limited(self, response: aiohttp.ClientResponse) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > MAX_DOCUMENT_BYTES:
+                raise DiscoveryFailed(
+                    f"{response.url.path}: the answer is larger than "
+                    f"{MAX_DOCUMENT_BYTES // (1024 * 1024)} MiB",
+                    connector=self.name,
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _get_json(self, path: str, what: str) -> Any:
+        status, body = await self._get(path)
+        if status != 200:
+            raise DiscoveryFailed(
+                f"{what}: the ERP answered {status}{_odata_detail(body)}", connector=self.name
+            )
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise DiscoveryFailed(
+                f"{what}: the ERP answered 200 without JSON", connector=self.name
+            ) from None
+
+    # -- projections ---------------------------------------------------------------------------
+
+    def _projection(self, name: str, description: str = "") -> ProjectionApi:
+        service = f"{self.config.projection_base.strip('/')}/{quote(name, safe='')}.svc"
+        return ProjectionApi(name, description, service, f"{self.route}{service}")
+
+    async def list_projections(self) -> list[ProjectionApi]:
+        """The projections the instance lists, sorted by name."""
+        data = await self._get_json(self.config.projections_path, "the projection list")
+        rows = data.get("value") if isinstance(data, dict) else None
+        if not isinstance(rows, list):
+            raise DiscoveryFailed(
+                'the projection list is not an OData collection ({"value": [...]}): check '
+                "projections_path",
+                connector=self.name,
+            )
+        found: dict[str, ProjectionApi] = {}
+        for row in rows:
+            if not isinstance(row, dict):
+                continue
+            name = row.get("Name") or row.get("name") or row.get("ProjectionName")
+            if isinstance(name, str) and name:
+                description = row.get("Description") or row.get("description") or ""
+                found[name] = self._projection(name, str(description))
+        return sorted(found.values(), key=lambda p: p.name)
+
+    async def run(self, projection: str | None = None, *, refresh: bool = False) -> DiscoveryResult:
+        """List the projections (or take the one named) and fill in their operations."""
+        listing_error: str | None = None
+        try:
+            listed = await self.list_projections()
+        except DiscoveryFailed as exc:
+            # A named projection may still be readable when the list is not (permissions).
+            if projection is None:
+                raise
+            listed, listing_error = [], exc.message
+        if projection is not None:
+            targets = [p for p in listed if p.name == projection] or [self._projection(projection)]
+        else:
+            targets = listed
+        limit = asyncio.Semaphore(self._concurrency)
+
+        async def fill(target: ProjectionApi) -> None:
+            async with limit:
+                await self._fill(target, refresh)
+
+        await asyncio.gather(*(fill(p) for p in targets))
+        return DiscoveryResult(self.name, self.base, targets, listing_error)
+
+    async def _fill(self, target: ProjectionApi, refresh: bool) -> None:
+        key = cache_key(self.name, target.name)
+        if not refresh and (entry := await self._cached(key)) is not None:
+            document, fetched_at = entry
+            target.cached = True
+        else:
+            try:
+                document = await self._get_json(
+                    f"{target.service_path}/$openapi", f"{target.name}/$openapi"
+                )
+            except (DiscoveryFailed, TokenError, ProxyError) as exc:
+                target.error = exc.message if isinstance(exc, ProxyError) else str(exc)
+                return
+            fetched_at = self._clock()
+        try:
+            target.operations = parse_operations(document)
+        except ValueError as exc:
+            target.error = f"{target.name}/$openapi: {exc}"
+            return
+        target.openapi_version = document_version(document)
+        target.fetched_at = fetched_at
+        if not target.cached:
+            await self._remember(key, document, fetched_at)
+
+    # -- cache ---------------------------------------------------------------------------------
+
+    async def _cached(self, key: str) -> tuple[Any, float] | None:
+        if self._store is None:
+            return None
+        try:
+            raw = await self._store.get_blob(key)
+            if raw is None:
+                return None
+            entry = orjson.loads(raw)
+        except Exception as exc:  # a broken cache entry or store only costs a fetch
+            log.warning("openapi_cache_read_failed", connector=self.name, error=str(exc))
+            return None
+        # Another instance behind the same connector name is another API.
+        if not isinstance(entry, dict) or entry.get("base") != self.base:
+            return None
+        return entry.get("document"), float(entry.get("fetched_at") or 0.0)
+
+    async def _remember(self, key: str, document: Any, fetched_at: float) -> None:
+        if self._store is None:
+            return
+        entry = {"base": self.base, "fetched_at": fetched_at, "document": document}
+        try:
+            await self._store.put_blob(key, orjson.dumps(entry))
+        except Exception as exc:
+            log.warning("openapi_cache_write_failed", connector=self.name, error=str(exc))
+
+
+def _odata_detail(body: bytes) -> str:
+    """`` (CODE: message)`` from an OData error body, if it is one."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return ""
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):
+        parts = [str(error[k]) for k in ("code", "message") if error.get(k)]
+        if parts:
+            return f" ({': '.join(parts)[:200]})"
+    return ""
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def render_table(result: DiscoveryResult) -> str:
+    """A readable listing for people: one block per projection."""
+    lines: list[str] = []
+    for projection in result.projections:
+        title = projection.name
+        if projection.description:
+            title += f" - {projection.description}"
+        lines.append(title)
+        lines.append(f"  {projection.proxy_path}")
+        if projection.error is not None:
+            lines.append(f"  error: {projection.error}")
+            lines.append("")
+            continue
+        rows = [["METHOD", "PATH", "SUMMARY"]] + [
+            [op.method, op.path, op.summary] for op in projection.operations
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(2)]
+        for row in rows:
+            lines.append(
+                f"  {row[0].ljust(widths[0])}  {row[1].ljust(widths[1])}  {row[2]}".rstrip()
+            )
+        lines.append("")
+    operations = sum(len(p.operations) for p in result.projections)
+    cached = sum(1 for p in result.projections if p.cached)
+    summary = (
+        f"{result.connector}: {_count(len(result.projections), 'projection')}, "
+        f"{_count(operations, 'operation')} ({cached} from cache"
+    )
+    if result.failed:
+        summary += f", {len(result.failed)} failed"
+    lines.append(summary + ")")
+    if result.listing_error:
+        lines.append(f"warning: the projection list failed: {result.listing_error}")
+    return "\n".join(lines)

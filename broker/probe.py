@@ -1,0 +1,150 @@
+"""Connection tests: a fresh credential from the config, then one call to the ERP's check endpoint.
+
+Used by ``erp-broker test-connection`` and ``POST /connectors/<name>/test``. Never the broker's
+cached token: the point is to prove that the configured secrets work now. Every failure says
+what to fix (the secret, the account id, the host, the CA file, the check path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from .config import INFOR_CHECK_PATH, ConnectorConfig, IfsApps10Config, IfsPsoConfig
+from .connectors import build_authenticator
+from .direct import FreshCredentials, direct_session
+from .errors import CredentialsRejected, TokenError
+
+LOGIN, CHECK = "login", "check"
+
+
+def check_url(config: ConnectorConfig) -> str:
+    """The URL whose 2xx answer proves a credential works for API calls."""
+    if isinstance(config, IfsPsoConfig):
+        return config.session_url()  # GET with apiKey: the session check
+    base = config.upstream_base().rstrip("/")
+    if isinstance(config, IfsApps10Config):
+        return f"{base}/{config.test_path.lstrip('/')}"
+    return f"{base}/{INFOR_CHECK_PATH}"
+
+
+def _short(url: str) -> str:
+    last = URL(url, encoded=True).path.rstrip("/").rsplit("/", 1)[-1]
+    return f".../{last}"
+
+
+@dataclass(slots=True)
+class ProbeResult:
+    connector: str
+    type: str
+    ok: bool
+    stage: str  # where it stopped: "login" or "check"
+    message: str
+    check_url: str
+    token_ms: float | None = None
+    check_status: int | None = None
+    check_ms: float | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "connector": self.connector,
+            "type": self.type,
+            "ok": self.ok,
+            "stage": self.stage,
+            "message": self.message,
+            "token_ms": self.token_ms,
+            "check": {
+                "method": "GET",
+                "url": self.check_url,
+                "status": self.check_status,
+                "ms": self.check_ms,
+            },
+            "warnings": self.warnings,
+        }
+
+
+_NOT_FOUND_HINTS = {
+    "ifs_apps10": "test_path and domain/base_url",
+    "ifs_pso": "domain/base_url and session_path",
+    "infor_ion": "the .ionapi file's iu/ti (and tenant_in_path)",
+}
+
+
+def _check_failure(config: ConnectorConfig, status: int) -> str:
+    what = f"the check endpoint {URL(check_url(config), encoded=True).path} answered {status}"
+    if status == 401:
+        return (
+            f"{what}: the ERP refused the credential it had just issued; check that domain/"
+            "base_url points at the same system as the token endpoint"
+        )
+    if status == 403:
+        return f"{what}: the account is authenticated but lacks a role or scope for this path"
+    if status == 404:
+        hint = _NOT_FOUND_HINTS[config.type]
+        return f"{what}: check {hint}"
+    return what
+
+
+async def probe(name: str, config: ConnectorConfig) -> ProbeResult:
+    """Log in afresh, call the check endpoint, give back what was obtained."""
+    url = check_url(config)
+    result = ProbeResult(name, config.type, False, LOGIN, "", url)
+    if not config.tls_verify:
+        result.warnings.append(f"tls_verify is false: {URL(url).host}'s certificate is not checked")
+    async with direct_session(config) as session:
+        authenticator = build_authenticator(config, session, time.time)
+        credentials = FreshCredentials(authenticator, timeout=config.token_timeout)
+        try:
+            started = time.perf_counter()
+            try:
+                token = await credentials.login()
+            except CredentialsRejected as exc:
+                result.message = f"login rejected: {exc}"
+                return result
+            except TokenError as exc:
+                result.message = f"login failed: {exc}"
+                return result
+            result.token_ms = round((time.perf_counter() - started) * 1000, 1)
+            result.stage = CHECK
+            headers: CIMultiDict[str] = CIMultiDict({"Accept": "application/json"})
+            authenticator.apply(headers, token)
+            started = time.perf_counter()
+            host = URL(url).host
+            try:
+                async with asyncio.timeout(config.timeout):
+                    async with session.get(
+                        URL(url, encoded=True), headers=headers, allow_redirects=False
+                    ) as response:
+                        await response.read()
+                        result.check_status = response.status
+            except TimeoutError:
+                result.message = f"the check endpoint did not answer within {config.timeout:g}s"
+                return result
+            except aiohttp.ClientSSLError as exc:
+                result.message = (
+                    f"TLS error talking to {host} ({type(exc).__name__}): check ca_file or "
+                    "the server certificate"
+                )
+                return result
+            except (aiohttp.ClientError, OSError) as exc:
+                result.message = f"cannot reach {host}: {type(exc).__name__}: check domain/base_url"
+                return result
+            result.check_ms = round((time.perf_counter() - started) * 1000, 1)
+            status = result.check_status
+            if not 200 <= status < 300:
+                result.message = _check_failure(config, status)
+                return result
+            result.ok = True
+            result.message = (
+                f"token obtained in {result.token_ms:.0f} ms; GET {_short(url)} -> {status}"
+            )
+            return result
+        finally:
+            await credentials.close()
