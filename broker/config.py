@@ -26,6 +26,7 @@ from pydantic import (
     PlainSerializer,
     ValidationError,
     WithJsonSchema,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -42,6 +43,8 @@ DEFAULT_TIMEOUT = 60.0  # the Infor gateway's own limit for one request
 DEFAULT_TOKEN_TIMEOUT = 10.0
 DEFAULT_REPLAY_MAX_BYTES = 1024 * 1024
 DEFAULT_GRACE_PERIOD = 10.0
+#: The Redis refresh lock's lease: how long a replica that died holding it delays the others.
+DEFAULT_LOCK_LEASE = 10.0
 
 IFS_PROJECTION_BASE = "main/ifsapplications/projection/v1"
 PSO_SESSION_PATH = "IFSSchedulingRESTfulGateway/api/v1/scheduling/session"
@@ -352,6 +355,13 @@ class StoreConfig(_Model):
     encryption_key: SecretStr | None = None
     previous_encryption_keys: tuple[SecretStr, ...] = ()
     timeout: float = Field(default=2.0, gt=0, description="seconds for one store call")
+    lock_lease: float = Field(
+        default=DEFAULT_LOCK_LEASE, ge=1, le=30, description="Redis refresh lock lease, seconds"
+    )
+
+    @field_serializer("redis")
+    def _mask_redis(self, value: str | None) -> str | None:
+        return None if value is None else mask_url_password(value)
 
     @model_validator(mode="after")
     def _check(self) -> StoreConfig:
@@ -376,6 +386,9 @@ class Config(_Model):
     log_format: Literal["auto", "json", "console"] = "auto"
     access_log: bool = True
     admin_token: SecretStr | None = None
+    #: Seconds between re-reads of the config's secret files (0: never). A rotated password
+    #: in a mounted Secret is picked up without a restart.
+    credentials_reload_interval: float = Field(default=10.0, ge=0)
     #: Where the config came from, for messages; not a YAML key.
     source: str = Field(default="<memory>", exclude=True)
 
@@ -424,6 +437,12 @@ class Config(_Model):
         for name, connector in data["connectors"].items():
             connector.setdefault("route", self.route_of(name))
         return data
+
+
+def mask_url_password(url: str) -> str:
+    """``redis://user:***@host/0``: a URL as it may be printed or logged."""
+    url = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@?#]*):[^@/?#]*@", rf"\1:{MASK}@", url)
+    return re.sub(r"([?&]password=)[^&#]*", rf"\1{MASK}", url)
 
 
 def fingerprint(connector: ConnectorConfig) -> str:

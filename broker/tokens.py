@@ -243,6 +243,11 @@ class TokenManager:
         metrics.connector_up.labels(name).set(0)
         metrics.token_expiry.labels(name).set(0)
         metrics.login_paused.labels(name).set(0)
+        # Series exist from the start, so rate()/increase() see the first failure too.
+        for grant in {authenticator.login_grant, "refresh_token"}:
+            for outcome in ("success", "failure"):
+                metrics.token_requests.labels(name, grant, outcome)
+        metrics.refresh_waiters.labels(name)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -281,6 +286,7 @@ class TokenManager:
                 async with asyncio.timeout(self._policy.token_timeout):
                     await self._auth.revoke(token)
                 await self._store.delete(self._key)
+                self._current = None  # given back: never used, or revoked, again
                 log.info("token_revoked", connector=self.name)
             except (TokenError, TimeoutError, OSError) as exc:
                 log.warning("token_revoke_failed", connector=self.name, error=str(exc))
@@ -330,6 +336,19 @@ class TokenManager:
         self._retry_at = 0.0
         return await self._wait_for_new(reason="admin", force=True)
 
+    def replace_credentials(self, authenticator: Authenticator, store_key: str) -> None:
+        """The configured credentials changed (a rotated secret file): use them from now on.
+
+        A token that is still valid keeps serving; a login pause ends, so a connector that was
+        stopped by rejected credentials tries the new ones at once.
+        """
+        self._auth = authenticator
+        self._key = store_key
+        self._paused_until = self._pause_step = self._retry_at = 0.0
+        self._transient_failures = 0
+        self._metrics.login_paused.labels(self.name).set(0)
+        self._changed.set()
+
     # -- single flight -----------------------------------------------------------------------
 
     async def _wait_for_new(
@@ -352,7 +371,7 @@ class TokenManager:
         task = self._inflight
         if task is None:
             task = self._inflight = asyncio.create_task(
-                self._obtain(reason), name=f"token-{self.name}"
+                self._obtain(reason, force=force), name=f"token-{self.name}"
             )
             task.add_done_callback(self._flight_done)
         elif not background:
@@ -383,13 +402,15 @@ class TokenManager:
         if not task.cancelled():
             task.exception()  # retrieved: waiters and the background loop report it
 
-    async def _obtain(self, reason: str) -> Token:
+    async def _obtain(self, reason: str, *, force: bool = False) -> Token:
         """Refresh or log in (the one token request in flight), then persist and publish."""
         async with self._coordinator.refresh_lock(self._key):
-            adopted = await self._adopt_from_store()
-            if adopted is not None:
-                return adopted
-            previous = self._current
+            # Another replica may have just obtained a token: use it rather than ask for one,
+            # and never refresh from a refresh token that it has rotated since.
+            newest = await self._adopt_from_store()
+            if newest is not None and newest is self._current and not force:
+                return newest
+            previous = newest or self._current
             now = self._clock()
             try:
                 token: Token | None = None
@@ -450,20 +471,22 @@ class TokenManager:
             return None
 
     async def _adopt_from_store(self) -> Token | None:
-        """With a shared store, another replica may have just obtained a newer token."""
+        """With a shared store, the fleet's token if another replica obtained it after ours:
+        adopted when still valid, and in any case the one to refresh from (its refresh token
+        may have rotated ours away)."""
         if not self._store.shared:
             return None
         stored = await self._load_stored()
         current = self._current
         if (
             stored is None
-            or stored.expired(self._clock())
             or (current is not None and stored.obtained_at <= current.obtained_at)
             or (current is not None and stored.access == current.access)
         ):
             return None
-        self._set_current(stored, persisted=True)
-        log.info("token_adopted", connector=self.name)
+        if not stored.expired(self._clock()):
+            self._set_current(stored, persisted=True)
+            log.info("token_adopted", connector=self.name)
         return stored
 
     async def _persist(self, token: Token) -> None:
@@ -483,14 +506,20 @@ class TokenManager:
         self._pause_step = 0.0
         self._retry_at = 0.0
         self._transient_failures = 0
+        # A loaded or adopted token was obtained (by us before a restart, or by another
+        # replica) at obtained_at: that is its last refresh too.
+        self.last_refresh = token.obtained_at
+        self._metrics.token_last_refresh.labels(self.name).set(token.obtained_at)
         if not persisted:
-            self.last_refresh = token.obtained_at
-            self._metrics.token_last_refresh.labels(self.name).set(token.obtained_at)
             self.last_error = self.last_error_kind = None
         self._metrics.login_paused.labels(self.name).set(0)
         self._update_gauges()
         self._changed.set()
         self._has_token.set()
+
+    def refresh_gauges(self) -> None:
+        """Recompute the gauges that depend on the clock (called at scrape time)."""
+        self._update_gauges()
 
     def _update_gauges(self) -> None:
         token = self._current
