@@ -12,12 +12,13 @@ import base64
 import binascii
 import hashlib
 import os
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError, EncryptionKeyError
 from .secrets import Secret
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 MAGIC = b"EB1"
 _ID_LEN = 8
@@ -38,6 +39,14 @@ def _decode_key(secret: Secret, what: str) -> bytes:
     return raw
 
 
+def _aead(key: bytes) -> AESGCM:
+    # Imported on first use: without encryption_key the broker never loads cryptography
+    # (about 6 MiB of resident memory; bench/RESULTS.md).
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM(key)
+
+
 def _key_id(key: bytes) -> bytes:
     return hashlib.sha256(b"erp-broker key id\0" + key).digest()[:_ID_LEN]
 
@@ -50,11 +59,11 @@ class Codec:
         self._current: tuple[bytes, AESGCM] | None = None
         if key is not None:
             raw = _decode_key(key, "encryption_key")
-            self._current = (_key_id(raw), AESGCM(raw))
+            self._current = (_key_id(raw), _aead(raw))
             self._keys[self._current[0]] = self._current[1]
         for index, old in enumerate(previous):
             raw = _decode_key(old, f"previous_encryption_keys.{index}")
-            self._keys.setdefault(_key_id(raw), AESGCM(raw))
+            self._keys.setdefault(_key_id(raw), _aead(raw))
 
     @property
     def encrypted(self) -> bool:
@@ -83,6 +92,8 @@ class Codec:
                 "stored tokens were encrypted with a different store.encryption_key "
                 "(list the old key under store.previous_encryption_keys to rotate)"
             )
+        from cryptography.exceptions import InvalidTag
+
         body = sealed[len(MAGIC) + _ID_LEN :]
         try:
             return aead.decrypt(body[:_NONCE_LEN], body[_NONCE_LEN:], associated)

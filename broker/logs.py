@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
@@ -34,6 +35,21 @@ _SECRET_KEYS = frozenset(
 )
 
 
+#: Values that cannot hold a secret (under a secret-looking key they are masked all the same).
+_SCALARS = frozenset({int, float, bool})
+#: key -> is it a secret-looking key; log keys are few and fixed, so this stays small.
+_key_is_secret: dict[str, bool] = {}
+
+
+def _secret_key(key: str) -> bool:
+    secret = _key_is_secret.get(key)
+    if secret is None:
+        secret = key.lower() in _SECRET_KEYS
+        if len(_key_is_secret) < 4096:
+            _key_is_secret[key] = secret
+    return secret
+
+
 def _redact_value(value: Any) -> Any:
     if isinstance(value, str):
         return scrub(value)
@@ -54,9 +70,13 @@ def _redact_value(value: Any) -> Any:
 def redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Mask every registered secret and every value under a secret-looking key."""
     for key, value in event.items():
-        if key.lower() in _SECRET_KEYS and value is not None:
+        if value is None:
+            continue
+        if _secret_key(key):
             event[key] = MASK
-        else:
+        elif type(value) is str:
+            event[key] = scrub(value)
+        elif type(value) not in _SCALARS:
             event[key] = _redact_value(value)
     return event
 
@@ -70,8 +90,56 @@ def _scrub_rendered(_logger: Any, _method: str, rendered: Any) -> Any:
     return rendered
 
 
+class _UtcTimestamp:
+    """``timestamp``: what ``TimeStamper(fmt="iso", utc=True)`` writes, e.g.
+    ``2026-01-02T03:04:05.123456Z``, with the date and time formatted once a second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, _logger: Any, _method: str, event: MutableMapping[str, Any]) -> Any:
+        second, nanos = divmod(time.time_ns(), 1_000_000_000)
+        if second != self._second:
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        micros = nanos // 1000
+        # datetime.isoformat() leaves the fraction out when it is zero.
+        event["timestamp"] = f"{self._prefix}.{micros:06d}Z" if micros else f"{self._prefix}Z"
+        return event
+
+
 def _dumps(obj: Any, default: Any = None) -> bytes:
     return orjson.dumps(obj, default=default)
+
+
+#: (processors, logger) as configure_logging set them up, while info lines are emitted.
+_direct: tuple[list[Any], Any] | None = None
+#: structlog's global configuration, to see whether anyone reconfigured it since.
+_STRUCTLOG_CONFIG = getattr(getattr(structlog, "_config", None), "_CONFIG", None)
+
+
+def info_line(fallback: Any, event: str, fields: dict[str, Any]) -> None:
+    """Emit an info line through the configured processors, as ``fallback.info(event,
+    **fields)`` would, but without structlog's per-call wrapper layers (a third of the cost
+    of the proxy's access line; bench/RESULTS.md). ``fields`` is consumed.
+
+    When structlog was configured by anyone else since (``capture_logs`` in a test, say),
+    or not by :func:`configure_logging` at all, the line goes through ``fallback``.
+    """
+    direct = _direct
+    if direct is None or getattr(_STRUCTLOG_CONFIG, "default_processors", None) is not direct[0]:
+        fallback.info(event, **fields)
+        return
+    processors, logger = direct
+    fields["event"] = event
+    line: Any = fields
+    try:
+        for processor in processors:
+            line = processor(logger, "info", line)
+    except structlog.DropEvent:
+        return
+    logger.info(line)  # the renderers end every chain in str or bytes
 
 
 def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
@@ -83,7 +151,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _UtcTimestamp(),
     ]
     renderer: Any
     if fmt == "console":
@@ -110,12 +178,16 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
             factory = structlog.PrintLoggerFactory(stream)
             serializer = lambda obj, default=None: orjson.dumps(obj, default=default).decode()  # noqa: E731
         tail[2] = structlog.processors.JSONRenderer(serializer=serializer)
+    processors = [*shared, *tail]
     structlog.configure(
-        processors=[*shared, *tail],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+    global _direct
+    # structlog keeps the list it was given; info_line checks that it still is the one.
+    _direct = (structlog.get_config()["processors"], factory()) if numeric <= logging.INFO else None
     # Libraries that log through the stdlib (aiohttp, asyncio) are scrubbed as well.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_ScrubbingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -7,6 +7,8 @@ config, methods are folded to a fixed set, statuses are three-digit codes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 #: ERP calls take from ~10 ms to the Infor gateway's 60 s limit (5 min at most).
@@ -125,8 +127,38 @@ class Metrics:
             ["operation"],
             registry=r,
         )
+        for operation in ("load", "save", "delete"):
+            self.store_errors.labels(operation)
         self.store_up = Gauge(
             "erp_broker_store_up",
             "1 while the token store answers, else 0.",
             registry=r,
         )
+
+
+class ConnectorSeries:
+    """One connector's labelled series on the request path, looked up once.
+
+    ``labels()`` takes a lock and builds a key on every call; with several series touched per
+    request that was a measurable share of the proxy's CPU (bench/RESULTS.md). The children
+    are resolved here, once per connector (and once per method and status for the request
+    counter), and the in-flight gauge reads a plain counter when scraped.
+    """
+
+    __slots__ = ("_by_status", "_name", "_requests", "request_duration", "upstream_duration")
+
+    def __init__(self, metrics: Metrics, name: str, inflight: Callable[[], float]) -> None:
+        self._name = name
+        self._requests = metrics.requests
+        self._by_status: dict[tuple[str, int], Counter] = {}
+        self.request_duration = metrics.request_duration.labels(name)
+        self.upstream_duration = metrics.upstream_duration.labels(name)
+        metrics.inflight.labels(name).set_function(inflight)
+
+    def count_request(self, method: str, status: int) -> None:
+        """``erp_broker_requests_total{connector, method, status}`` += 1."""
+        key = (method_label(method), status)  # bounded: folded methods, 3-digit statuses
+        child = self._by_status.get(key)
+        if child is None:
+            child = self._by_status[key] = self._requests.labels(self._name, key[0], str(status))
+        child.inc()

@@ -15,6 +15,10 @@ MASK = "***"
 _MIN_REDACT_LEN = 6
 #: Tokens come and go; keep the registry from growing without bound.
 _MAX_REGISTERED = 4096
+#: Up to this many secrets, each is looked for in turn; beyond, an index of their last
+#: characters is used, so that a long-running broker (one token per refresh, thousands in
+#: all) does not pay a thousand substring searches for every string it logs.
+_LINEAR_MAX = 64
 
 
 class Secret:
@@ -54,6 +58,8 @@ class _Registry:
         self._values: dict[str, None] = {}  # insertion-ordered set
         self._lock = threading.Lock()
         self._snapshot: tuple[str, ...] = ()
+        #: The last _MIN_REDACT_LEN characters of each secret → the secrets ending so.
+        self._index: dict[str, tuple[str, ...]] | None = None
 
     def add(self, value: str) -> None:
         if len(value) < _MIN_REDACT_LEN or value in self._values:
@@ -63,13 +69,47 @@ class _Registry:
             while len(self._values) > _MAX_REGISTERED:
                 del self._values[next(iter(self._values))]
             # Longest first, so a secret that contains another is scrubbed whole.
-            self._snapshot = tuple(sorted(self._values, key=len, reverse=True))
+            snapshot = tuple(sorted(self._values, key=len, reverse=True))
+            index: dict[str, tuple[str, ...]] | None = None
+            if len(snapshot) > _LINEAR_MAX:
+                index = {}
+                for secret in snapshot:  # longest first within each entry, too
+                    key = secret[-_MIN_REDACT_LEN:]
+                    index[key] = (*index.get(key, ()), secret)
+            self._index = index
+            self._snapshot = snapshot
 
     def scrub(self, text: str) -> str:
-        for value in self._snapshot:
-            if value in text:
+        if len(text) < _MIN_REDACT_LEN:
+            return text  # shorter than any registered secret
+        index = self._index
+        if index is None:
+            for value in self._snapshot:
+                if value in text:
+                    text = text.replace(value, MASK)
+            return text
+        for _ in range(4):  # a replacement could complete another secret: look again
+            found = _find_indexed(text, index)
+            if not found:
+                break
+            for value in sorted(found, key=len, reverse=True):
                 text = text.replace(value, MASK)
         return text
+
+
+def _find_indexed(text: str, index: dict[str, tuple[str, ...]]) -> set[str]:
+    """The registered secrets that occur in ``text``, found by their last characters."""
+    found: set[str] = set()
+    get = index.get
+    width = _MIN_REDACT_LEN
+    for end in range(width, len(text) + 1):
+        candidates = get(text[end - width : end])
+        if candidates:
+            for value in candidates:
+                start = end - len(value)
+                if start >= 0 and text.startswith(value, start):
+                    found.add(value)
+    return found
 
 
 _registry = _Registry()

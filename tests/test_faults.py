@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 
-from broker.app import BrokerServer
+from broker.app import Broker, BrokerServer
+from broker.config import load_config
 from broker.sandbox import IfsApps10Sim
 
 from .conftest import BrokerFactory, ifs_connector
@@ -193,3 +196,33 @@ class TestDisconnects:
         assert session_connector is not None
         # The half-read upstream connection was closed, not returned to the pool.
         assert sum(len(v) for v in session_connector._conns.values()) == 0
+
+
+class TestRotatedSecret:
+    async def test_new_password_in_the_secret_file_is_picked_up(
+        self, tmp_path: Path, ifs_sim: IfsApps10Sim, ca_file: str, http: aiohttp.ClientSession
+    ) -> None:
+        """Paused after a rejected password, the broker logs in once the mounted file changes."""
+        secret = tmp_path / "password"
+        secret.write_text("old-password\n")
+        config_file = tmp_path / "broker.yaml"
+        config_file.write_text(yaml.safe_dump({
+            "listen": "127.0.0.1:0",
+            "admin_listen": "127.0.0.1:0",
+            "store": {"sqlite": str(tmp_path / "tokens.db")},
+            "credentials_reload_interval": 0.1,
+            "connectors": {"ifs": ifs_connector(ifs_sim, ca_file, password=f"${{file:{secret}}}")},
+        }))
+        server = BrokerServer(Broker(load_config(config_file)))
+        await server.start()
+        try:
+            async with http.get(f"{server.proxy_url}/ifs/_test/echo/x") as resp:
+                assert resp.headers["X-Broker-Error"] in ("auth_failed", "connector_unavailable")
+            assert server.broker.connectors["ifs"].tokens.status()["token_state"] == "paused"
+            secret.write_text(ifs_sim.password + "\n")
+            await server.broker.wait_ready(5)
+            async with http.get(f"{server.proxy_url}/ifs/_test/echo/x") as resp:
+                assert resp.status == 200
+            assert [r.status for r in ifs_sim.token_requests] == [401, 200]
+        finally:
+            await server.stop()
