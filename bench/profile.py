@@ -1,0 +1,126 @@
+"""Compare proxies head to head, or profile one: where does the CPU go?
+
+    python -m bench.profile [--seconds 8] [--runs 5] TARGET...
+    python -m bench.profile --py-spy out.svg erp-broker
+
+TARGET is ``minimal``, ``nginx``, ``erp-broker``, or ``erp-broker@/path`` — a broker whose
+``broker`` package is imported from /path (a copy of an older tree: the before of an
+optimisation). Every target is started as in the benchmark (pinned to core 0) and loaded in
+turn by wrk, run after run; the median req/s and CPU µs per request are printed. With
+``--py-spy`` the first target is recorded with py-spy (``pip install py-spy``): an SVG flame
+graph, or raw collapsed stacks for a ``.txt`` name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from .procs import LOAD_CPU, SUT_CPU
+from .runner import Bench, Settings, Target, preflight, workdir, wrk
+
+
+def start(bench: Bench, spec: str, targets: dict[str, Target]) -> Target:
+    if spec in targets:
+        return targets[spec]
+    name, _, path = spec.partition("@")
+    if name != "erp-broker" or not path:
+        raise SystemExit(f"unknown target {spec!r}")
+    config, port, admin = bench.broker_config(f"broker-{len(bench.procs)}", bench.token_url)
+    exe = shutil.which("erp-broker")
+    argv = [exe, "run"] if exe else [sys.executable, "-m", "broker", "run"]
+    # PYTHONPATH wins over the installed package for the console script.
+    proc = bench.spawn(
+        f"broker-{len(bench.procs)}",
+        [*argv, "-c", str(config)],
+        SUT_CPU,
+        env={"PYTHONPATH": str(Path(path).resolve())},
+    )
+    bench.wait_ready(proc, admin)
+    return Target(spec, f"http://127.0.0.1:{port}/origin", proc)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile")
+    parser.add_argument("targets", nargs="+")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--path", default="/small")
+    parser.add_argument("--py-spy", dest="py_spy", help="record the first target with py-spy")
+    args = parser.parse_args()
+    preflight()
+    with workdir(False) as path:
+        bench = Bench(Settings(), path)
+        try:
+            bench.start_origin()
+            bench.start_sink()
+            bench.token_url = bench.start_token_server("token-server", 3600)
+            bench.token = bench.fetch_token(bench.token_url)
+            standard = {t.name: t for t in bench.targets()}
+            chosen = [start(bench, spec, standard) for spec in args.targets]
+            for target in chosen:
+                bench.check(target)
+                wrk(target.base + args.path, args.connections, 2.0)
+            if args.py_spy:
+                record(chosen[0], args)
+                return 0
+            results: dict[str, list[tuple[float, float, float]]] = {t.name: [] for t in chosen}
+            for run in range(args.runs):
+                for target in chosen:
+                    assert target.proc is not None
+                    cpu0 = target.proc.cpu_seconds()
+                    r = wrk(target.base + args.path, args.connections, args.seconds)
+                    cpu = (target.proc.cpu_seconds() - cpu0) * 1e6 / r["requests"]
+                    results[target.name].append((r["rps"], cpu, r["p99_ms"]))
+                    print(
+                        f"run {run + 1} {target.name:30} {r['rps']:8.0f} req/s {cpu:6.1f} µs/req"
+                        f"  p99 {r['p99_ms']:.2f} ms",
+                        flush=True,
+                    )
+            print()
+            for name, rows in results.items():
+                rps = statistics.median(r[0] for r in rows)
+                cpu = statistics.median(r[1] for r in rows)
+                p99 = statistics.median(r[2] for r in rows)
+                print(f"median {name:30} {rps:8.0f} req/s {cpu:6.1f} µs/req  p99 {p99:.2f} ms")
+        finally:
+            bench.stop_all()
+    return 0
+
+
+def record(target: Target, args: argparse.Namespace) -> None:
+    assert target.proc is not None
+    if shutil.which("py-spy") is None:
+        raise SystemExit("py-spy is not installed: pip install py-spy")
+    out = Path(args.py_spy).resolve()
+    spy = subprocess.Popen(
+        [
+            "taskset",
+            "-c",
+            str(LOAD_CPU),
+            "py-spy",
+            "record",
+            "--pid",
+            str(target.proc.pid),
+            "--duration",
+            str(int(args.seconds)),
+            "--rate",
+            "200",
+            "--nonblocking",
+            "-o",
+            str(out),
+            *(["--format", "raw"] if out.suffix == ".txt" else []),
+        ],
+    )
+    r = wrk(target.base + args.path, args.connections, args.seconds)
+    spy.wait(timeout=120)
+    print(f"{target.name}: {r['rps']:.0f} req/s while recording; profile in {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
