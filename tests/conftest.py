@@ -5,7 +5,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import pytest
@@ -13,7 +13,7 @@ import trustme
 
 from broker.app import Broker, BrokerServer
 from broker.config import parse_config
-from broker.sandbox import IfsApps10Sim, InforIonSim, PsoSim
+from broker.sandbox import IfsApps10Sim, InforIonSim, PsoSim, Simulator
 from broker.types import TokenStore
 
 BrokerFactory = Callable[..., Awaitable[BrokerServer]]
@@ -39,12 +39,28 @@ def ca_file(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> str
     return str(path)
 
 
+SimT = TypeVar("SimT", bound=Simulator)
+SimStarter = Callable[[SimT], Awaitable[SimT]]
+
+
 @pytest.fixture
-async def ifs_sim(server_ssl: ssl.SSLContext) -> AsyncIterator[IfsApps10Sim]:
-    sim = IfsApps10Sim()
-    await sim.start(ssl_context=server_ssl)
-    yield sim
-    await sim.stop()
+async def start_sim(server_ssl: ssl.SSLContext) -> AsyncIterator[Callable[[Any], Awaitable[Any]]]:
+    """Start simulators on loopback HTTPS (the test CA); all are stopped after the test."""
+    started: list[Simulator] = []
+
+    async def start(sim: SimT) -> SimT:
+        await sim.start(ssl_context=server_ssl)
+        started.append(sim)
+        return sim
+
+    yield start
+    for sim in started:
+        await sim.stop()
+
+
+@pytest.fixture
+async def ifs_sim(start_sim: SimStarter[IfsApps10Sim]) -> IfsApps10Sim:
+    return await start_sim(IfsApps10Sim())
 
 
 def ifs_connector(sim: IfsApps10Sim, ca_file: str, **overrides: Any) -> dict[str, Any]:
@@ -63,11 +79,8 @@ def ifs_connector(sim: IfsApps10Sim, ca_file: str, **overrides: Any) -> dict[str
 
 
 @pytest.fixture
-async def pso_sim(server_ssl: ssl.SSLContext) -> AsyncIterator[PsoSim]:
-    sim = PsoSim()
-    await sim.start(ssl_context=server_ssl)
-    yield sim
-    await sim.stop()
+async def pso_sim(start_sim: SimStarter[PsoSim]) -> PsoSim:
+    return await start_sim(PsoSim())
 
 
 def pso_connector(sim: PsoSim, ca_file: str, **overrides: Any) -> dict[str, Any]:
@@ -84,11 +97,8 @@ def pso_connector(sim: PsoSim, ca_file: str, **overrides: Any) -> dict[str, Any]
 
 
 @pytest.fixture
-async def infor_sim(server_ssl: ssl.SSLContext) -> AsyncIterator[InforIonSim]:
-    sim = InforIonSim()
-    await sim.start(ssl_context=server_ssl)
-    yield sim
-    await sim.stop()
+async def infor_sim(start_sim: SimStarter[InforIonSim]) -> InforIonSim:
+    return await start_sim(InforIonSim())
 
 
 def infor_connector(sim: InforIonSim, ca_file: str, **overrides: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import pytest
 from broker.app import BrokerServer
 from broker.sandbox import IfsApps10Sim
 
-from .conftest import BrokerFactory, ifs_connector
+from .conftest import BrokerFactory, SimStarter, ifs_connector
 
 
 def metric(server: BrokerServer, name: str, **labels: str) -> float:
@@ -153,18 +153,16 @@ class TestWrongCredentials:
 
 class TestRefreshAhead:
     async def test_token_is_refreshed_before_expiry_without_requests(
-        self, server_ssl: object, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self, start_sim: SimStarter[IfsApps10Sim], ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
     ) -> None:
         """With 2 s tokens, the broker refreshes in the background; requests never see expiry."""
-        async with IfsApps10Sim(token_lifetime=2) as sim:
-            await sim.stop()
-            await sim.start(ssl_context=server_ssl)  # type: ignore[arg-type]
-            server = await make_broker({"ifs": ifs_connector(sim, ca_file)})
-            await sim.wait_for_token_requests(3, timeout=6)
-            assert [r.grant for r in sim.token_requests[:3]] == ["password", "refresh_token", "refresh_token"]
-            async with http.get(f"{server.proxy_url}/ifs/_test/echo/x") as resp:
-                assert resp.status == 200
-            assert metric(server, "erp_broker_token_expiry_timestamp_seconds", connector="ifs") > 0
+        sim = await start_sim(IfsApps10Sim(token_lifetime=2))
+        server = await make_broker({"ifs": ifs_connector(sim, ca_file)})
+        await sim.wait_for_token_requests(3, timeout=6)
+        assert [r.grant for r in sim.token_requests[:3]] == ["password", "refresh_token", "refresh_token"]
+        async with http.get(f"{server.proxy_url}/ifs/_test/echo/x") as resp:
+            assert resp.status == 200
+        assert metric(server, "erp_broker_token_expiry_timestamp_seconds", connector="ifs") > 0
 
 
 class TestPersistence:

@@ -16,7 +16,7 @@ from broker.app import Broker, BrokerServer
 from broker.config import load_config
 from broker.sandbox import IfsApps10Sim
 
-from .conftest import BrokerFactory, ifs_connector
+from .conftest import BrokerFactory, SimStarter, ifs_connector
 
 
 def metric(server: BrokerServer, name: str, **labels: str) -> float:
@@ -134,28 +134,26 @@ class TestIdentityProviderFaults:
         [(503, b"down"), (200, b""), (200, b'{"token_type": "Bearer"}'), (200, b"<html>proxy error</html>")],
     )
     async def test_expired_token_and_broken_idp_answer_auth_failed_fast(
-        self, status: int, body: bytes, server_ssl: object, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self, status: int, body: bytes, start_sim: SimStarter[IfsApps10Sim], ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
     ) -> None:
         """Once the token expired and the IdP answers garbage, requests get auth_failed quickly."""
-        async with IfsApps10Sim(token_lifetime=1) as sim:
-            await sim.stop()
-            await sim.start(ssl_context=server_ssl)  # type: ignore[arg-type]
-            server = await make_broker({"ifs": ifs_connector(sim, ca_file, token_timeout=3)})
-            await server.broker.wait_ready(5)
-            sim.queue_token_response(status, body=body, count=1000)
-            sim.expire_all_tokens()
-            started = time.monotonic()
-            async with http.get(f"{server.proxy_url}/ifs/_test/echo/x") as resp:
-                assert resp.status == 502
-                assert resp.headers["X-Broker-Error"] == "auth_failed"
-            assert time.monotonic() - started < 3
-            # Backoff, not a tight loop: a handful of token requests, not hundreds.
-            assert sim.count_token_requests() < 10
-            failures = sum(
-                metric(server, "erp_broker_token_requests_total", connector="ifs", grant=grant, outcome="failure")
-                for grant in ("password", "refresh_token")
-            )
-            assert failures >= 1
+        sim = await start_sim(IfsApps10Sim(token_lifetime=1))
+        server = await make_broker({"ifs": ifs_connector(sim, ca_file, token_timeout=3)})
+        await server.broker.wait_ready(5)
+        sim.queue_token_response(status, body=body, count=1000)
+        sim.expire_all_tokens()
+        started = time.monotonic()
+        async with http.get(f"{server.proxy_url}/ifs/_test/echo/x") as resp:
+            assert resp.status == 502
+            assert resp.headers["X-Broker-Error"] == "auth_failed"
+        assert time.monotonic() - started < 3
+        # Backoff, not a tight loop: a handful of token requests, not hundreds.
+        assert sim.count_token_requests() < 10
+        failures = sum(
+            metric(server, "erp_broker_token_requests_total", connector="ifs", grant=grant, outcome="failure")
+            for grant in ("password", "refresh_token")
+        )
+        assert failures >= 1
 
     async def test_slow_idp_never_hangs_a_request(self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession) -> None:
         """A token endpoint slower than token_timeout: auth_failed within the timeout."""
