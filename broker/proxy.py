@@ -53,6 +53,11 @@ CREDENTIAL_HEADERS = frozenset({"authorization", "apikey", "proxy-authorization"
 #: Set by the client library from the URL and the body, not copied.
 _REQUEST_DROP = HOP_BY_HOP | CREDENTIAL_HEADERS | {"host", "content-length", "expect"}
 _RESPONSE_DROP = HOP_BY_HOP
+_RESPONSE_DROP_WITH_ID = _RESPONSE_DROP | {"x-request-id"}
+#: Responses with a Content-Length up to this are read whole and sent in one write.
+SMALL_BODY = 64 * 1024
+#: Statuses that never carry a body (1xx are excluded separately).
+_BODILESS_STATUSES = frozenset({204, 304})
 REQUEST_ID = "X-Request-ID"
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
@@ -127,6 +132,10 @@ class Body:
 
     def payload(self) -> bytes | AsyncIterator[bytes] | None:
         return self.data if self.stream is None else self.stream
+
+
+#: The body of every request without one (never mutated).
+NO_BODY = Body(data=None)
 
 
 async def read_body(request: web.BaseRequest, limit: int) -> Body:
@@ -272,15 +281,22 @@ class Proxy:
         headers = request_headers(request.headers)
         headers[REQUEST_ID] = request_id
         config = connector.config
-        body = await read_body(request, config.replay_max_bytes)
-        if body.length is not None:
-            headers["Content-Length"] = str(body.length)
+        if request.body_exists:
+            body = await read_body(request, config.replay_max_bytes)
+            if body.length is not None:
+                headers["Content-Length"] = str(body.length)
+        else:
+            body = NO_BODY  # most requests: no coroutine to learn there is nothing to read
         budget: RetryBudget | None = None  # made on the first 429/504: most requests need none
-        token = await connector.tokens.get()
+        # The token and the turn are synchronous checks when nothing needs waiting for.
+        token = connector.tokens.valid()
+        if token is None:
+            token = await connector.tokens.get()
         auth_replayed = False
         attempts = 0
         while True:
-            await connector.wait_turn()
+            if not connector.turn_ready():
+                await connector.wait_turn()
             connector.authenticator.apply(headers, token)
             attempts += 1
             upstream = await self._send(connector, method, url, headers, body)
@@ -355,7 +371,36 @@ class Proxy:
     async def _stream_back(
         request: web.BaseRequest, upstream: aiohttp.ClientResponse, request_id: str
     ) -> web.StreamResponse:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        status = upstream.status
+        length = upstream.content_length
+        if (
+            length is not None
+            and length <= SMALL_BODY
+            and status >= 200
+            and status not in _BODILESS_STATUSES
+            and request.method != "HEAD"
+        ):
+            # A small body of known length: read it whole and answer in one write, without
+            # the prepare / write / write_eof round trips of streaming. The headers (the
+            # upstream Content-Length and Content-Encoding among them) go out as they came.
+            try:
+                data = await upstream.read()
+            except TimeoutError:  # aiohttp's ServerTimeoutError included
+                upstream.close()
+                raise UpstreamTimeout("the ERP stopped sending its response") from None
+            except aiohttp.ClientError as exc:
+                upstream.close()
+                raise UpstreamUnreachable(
+                    f"the ERP broke off its response ({type(exc).__name__})"
+                ) from None
+            except BaseException:
+                upstream.close()
+                raise
+            upstream.release()
+            headers = _without(upstream.headers, _RESPONSE_DROP_WITH_ID)
+            headers.append((REQUEST_ID, request_id))
+            return web.Response(status=status, reason=upstream.reason, body=data, headers=headers)
+        response = web.StreamResponse(status=status, reason=upstream.reason)
         out = response.headers
         out.extend(_without(upstream.headers, _RESPONSE_DROP))
         out[REQUEST_ID] = request_id

@@ -188,6 +188,11 @@ class LocalCoordinator:
     async def wait_window(self, key: str) -> float:
         return max(0.0, self._windows.get(key, 0.0) - self._clock())
 
+    def window_open(self, key: str) -> bool:
+        """Fast path of :meth:`wait_window`: True when no window holds ``key`` now."""
+        until = self._windows.get(key)
+        return until is None or until <= self._clock()
+
     async def set_window(self, key: str, until: float) -> None:
         self._windows[key] = max(self._windows.get(key, 0.0), until)
 
@@ -309,6 +314,13 @@ class TokenManager:
             while not self.usable():
                 self._has_token.clear()
                 await self._has_token.wait()
+
+    def valid(self) -> Token | None:
+        """Fast path of :meth:`get`: the current credential if usable now, else None."""
+        token = self._current
+        if token is not None and token is not self._rejected and not token.expired(self._clock()):
+            return token
+        return None
 
     async def get(self) -> Token:
         """A credential that has not expired, waiting for a token request if needed."""

@@ -16,7 +16,7 @@ from .config import ConnectorConfig, InforIonConfig, fingerprint
 from .connectors import build_authenticator
 from .errors import RateLimited
 from .metrics import ConnectorSeries, Metrics
-from .tokens import TokenManager, TokenPolicy
+from .tokens import LocalCoordinator, TokenManager, TokenPolicy
 from .types import Authenticator, Clock, Coordinator, TokenStore
 
 log = structlog.get_logger("broker.upstream")
@@ -157,6 +157,17 @@ class Connector:
         if query:
             target = f"{target}?{query}"
         return URL(target, encoded=True)
+
+    def turn_ready(self) -> bool:
+        """Fast path of :meth:`wait_turn`: True when nothing can make this request wait (no
+        client-side rate_limit, a local coordinator and no rate-limit window open now), so
+        no coroutine is needed. False means: call :meth:`wait_turn`."""
+        coordinator = self.coordinator
+        return (
+            self.config.rate_limit is None
+            and type(coordinator) is LocalCoordinator
+            and coordinator.window_open(self.name)
+        )
 
     async def wait_turn(self) -> None:
         """Wait out a rate-limit window and take from the request budget, boundedly."""

@@ -48,6 +48,23 @@ class TestInfoLine:
         assert list(first) == list(second)
         assert first["path"] == f"/x/{MASK}" and first["token"] == MASK
 
+    def test_exc_info_still_rendered(self, restore_logging: None) -> None:
+        """Lines without exc_info skip the exception renderer; lines with it still get it."""
+        stream = io.StringIO()
+        configure_logging("info", "json", stream=stream)
+        log = structlog.get_logger("test-exc")
+        try:
+            raise ValueError("boom")
+        except ValueError as exc:
+            error = exc
+        log.info("request", status=500, exc_info=error)
+        info_line(log, "request", {"status": 500, "exc_info": error})
+        info_line(log, "request", {"status": 200})
+        first, second, third = (orjson.loads(line) for line in stream.getvalue().splitlines())
+        first.pop("timestamp"), second.pop("timestamp"), third.pop("timestamp")
+        assert first == second and "exception" in first
+        assert third == {"status": 200, "event": "request", "level": "info"}
+
     def test_falls_back_when_reconfigured(self, restore_logging: None) -> None:
         """Under capture_logs (a reconfiguration) the line goes through structlog."""
         configure_logging("info", "json", stream=io.StringIO())
@@ -150,3 +167,191 @@ class TestConnectorSeries:
         assert 'erp_broker_requests_total{connector="erp",method="OTHER",status="200"} 1.0' in text
         assert 'erp_broker_inflight_requests{connector="erp"} 3.0' in text
         assert 'erp_broker_request_duration_seconds_count{connector="erp"} 1.0' in text
+
+
+class TestFastPaths:
+    def test_token_valid_is_get_without_a_coroutine(self) -> None:
+        """TokenManager.valid(): the current token when usable, None whenever get() would wait."""
+        from broker.tokens import Token, TokenManager
+
+        manager = TokenManager.__new__(TokenManager)
+        now = [1000.0]
+        manager._clock = lambda: now[0]  # type: ignore[method-assign]
+        manager._current = None
+        manager._rejected = None
+        assert manager.valid() is None
+        token = Token(access="a-fast-path-token", obtained_at=990.0, expires_at=2000.0, grant="g")
+        manager._current = token
+        assert manager.valid() is token
+        manager._rejected = token
+        assert manager.valid() is None
+        manager._rejected = None
+        now[0] = 3000.0
+        assert manager.valid() is None and token.expired(now[0])
+
+    def test_window_open_matches_wait_window(self) -> None:
+        """LocalCoordinator.window_open() is True exactly when wait_window() would say 0."""
+        import asyncio
+
+        from broker.tokens import LocalCoordinator
+
+        now = [100.0]
+        coordinator = LocalCoordinator(clock=lambda: now[0])
+        for until, clock in [(None, 100.0), (150.0, 100.0), (150.0, 150.0), (150.0, 200.0)]:
+            now[0] = clock
+            if until is not None:
+                asyncio.run(coordinator.set_window("c", until))
+            wait = asyncio.run(coordinator.wait_window("c"))
+            assert coordinator.window_open("c") is (wait == 0)
+
+    def test_turn_ready_only_without_rate_limit_and_window(self) -> None:
+        """Connector.turn_ready(): False under a rate_limit, a window or a remote coordinator."""
+        from types import SimpleNamespace
+
+        from broker.tokens import LocalCoordinator
+        from broker.upstream import Connector
+
+        coordinator = LocalCoordinator(clock=lambda: 100.0)
+        connector = Connector.__new__(Connector)
+        connector.name = "c"
+        connector.coordinator = coordinator
+        connector.config = SimpleNamespace(rate_limit=None)  # type: ignore[assignment]
+        assert connector.turn_ready()
+        coordinator._windows["c"] = 200.0
+        assert not connector.turn_ready()
+        coordinator._windows["c"] = 50.0
+        assert connector.turn_ready()
+        connector.config = SimpleNamespace(rate_limit=object())  # type: ignore[assignment]
+        assert not connector.turn_ready()
+        connector.config = SimpleNamespace(rate_limit=None)  # type: ignore[assignment]
+        connector.coordinator = SimpleNamespace()  # type: ignore[assignment]
+        assert not connector.turn_ready()
+
+
+class TestStreamBack:
+    """Small bodies of known length are answered whole; the rest streams. Same bytes out."""
+
+    @staticmethod
+    async def _through(method: str, origin_handler: Any) -> tuple[int, list[tuple[str, str]], bytes]:
+        import aiohttp
+        from aiohttp import web
+        from aiohttp.test_utils import RawTestServer
+
+        from broker.proxy import Proxy
+
+        origin = RawTestServer(origin_handler)
+        await origin.start_server()
+        session = aiohttp.ClientSession(auto_decompress=False)
+
+        async def proxy_handler(request: web.BaseRequest) -> web.StreamResponse:
+            upstream = await session.request(method, origin.make_url("/"))
+            return await Proxy._stream_back(request, upstream, "rid-1")
+
+        proxy = RawTestServer(proxy_handler)
+        await proxy.start_server()
+        try:
+            async with aiohttp.ClientSession(auto_decompress=False) as client:
+                async with client.request(method, proxy.make_url("/")) as answer:
+                    body = await answer.read()
+                    return answer.status, list(answer.headers.items()), body
+        finally:
+            await session.close()
+            await proxy.close()
+            await origin.close()
+
+    async def test_small_body_headers_and_encoding_untouched(self) -> None:
+        import gzip
+
+        from aiohttp import web
+
+        payload = gzip.compress(b'{"auth":"x"}')
+
+        async def origin(request: web.BaseRequest) -> web.StreamResponse:
+            headers = [("Content-Encoding", "gzip"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"),
+                       ("X-Request-ID", "from-origin"), ("Content-Type", "application/json")]
+            return web.Response(body=payload, headers=headers)
+
+        status, headers, body = await self._through("GET", origin)
+        assert status == 200 and body == payload
+        names = [k.lower() for k, _ in headers]
+        assert [v for k, v in headers if k.lower() == "set-cookie"] == ["a=1", "b=2"]
+        assert dict((k.lower(), v) for k, v in headers)["content-encoding"] == "gzip"
+        assert [v for k, v in headers if k.lower() == "x-request-id"] == ["rid-1"]
+        assert names.count("content-length") == 1
+        assert dict((k.lower(), v) for k, v in headers)["content-length"] == str(len(payload))
+
+    async def test_head_keeps_the_length(self) -> None:
+        from aiohttp import web
+
+        async def origin(request: web.BaseRequest) -> web.StreamResponse:
+            return web.Response(body=b"x" * 20)
+
+        status, headers, body = await self._through("HEAD", origin)
+        assert status == 200 and body == b""
+        assert dict((k.lower(), v) for k, v in headers)["content-length"] == "20"
+
+    @pytest.mark.parametrize("code", [204, 304])
+    async def test_bodiless_statuses(self, code: int) -> None:
+        from aiohttp import web
+
+        async def origin(request: web.BaseRequest) -> web.StreamResponse:
+            return web.Response(status=code, headers={"ETag": '"e"'})
+
+        status, headers, body = await self._through("GET", origin)
+        assert status == code and body == b""
+        assert dict((k.lower(), v) for k, v in headers)["etag"] == '"e"'
+
+    @pytest.mark.parametrize("size", [0, 65536, 65537, 300_000])
+    async def test_sizes_around_the_limit(self, size: int) -> None:
+        from aiohttp import web
+
+        data = bytes(random.getrandbits(8) for _ in range(size))
+
+        async def origin(request: web.BaseRequest) -> web.StreamResponse:
+            return web.Response(body=data)
+
+        status, _headers, body = await self._through("GET", origin)
+        assert status == 200 and body == data
+
+    async def test_unknown_length_streams(self) -> None:
+        from aiohttp import web
+
+        async def origin(request: web.BaseRequest) -> web.StreamResponse:
+            response = web.StreamResponse()
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            await response.write(b"a" * 10)
+            await response.write(b"b" * 10)
+            await response.write_eof()
+            return response
+
+        status, headers, body = await self._through("GET", origin)
+        assert status == 200 and body == b"a" * 10 + b"b" * 10
+        assert "content-length" not in [k.lower() for k, _ in headers]
+
+    async def test_small_body_broken_off_is_upstream_unreachable(self) -> None:
+        """An ERP that closes mid-way through a small body: a 502 broker error, not a crash."""
+        import aiohttp
+        from aiohttp import web
+        from aiohttp.test_utils import RawTestServer, make_mocked_request
+
+        from broker.errors import UpstreamUnreachable
+        from broker.proxy import Proxy
+
+        async def origin(request: web.BaseRequest) -> web.StreamResponse:
+            response = web.StreamResponse(headers={"Content-Length": "100"})
+            await response.prepare(request)
+            await response.write(b"x" * 10)
+            assert request.transport is not None
+            request.transport.close()
+            return response
+
+        server = RawTestServer(origin)
+        await server.start_server()
+        try:
+            async with aiohttp.ClientSession() as session:
+                upstream = await session.get(server.make_url("/"))
+                with pytest.raises(UpstreamUnreachable, match="broke off"):
+                    await Proxy._stream_back(make_mocked_request("GET", "/"), upstream, "rid")
+        finally:
+            await server.close()
