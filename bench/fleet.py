@@ -36,16 +36,10 @@ import orjson
 import yaml
 
 from .procs import LOAD_CPU, SUT_CPU, Proc, free_port, http_get, wait_port
+from .runner import CLIENT_ID, CLIENT_SECRET, PASSWORD, TOKEN_PATH, USER
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-CLIENT_ID, CLIENT_SECRET, USER, PASSWORD = (
-    "erp-broker",
-    "ifs-client-secret",
-    "IFSAPP",
-    "ifs-password",
-)
-TOKEN_PATH = "/auth/realms/ifsapps/protocol/openid-connect/token"
 #: The broker refreshes at 80 % of a token's lifetime (20 % ahead, at most 5 minutes).
 REFRESH_AT = 0.8
 

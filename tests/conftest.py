@@ -19,6 +19,12 @@ from broker.types import TokenStore
 BrokerFactory = Callable[..., Awaitable[BrokerServer]]
 
 
+def metric(server: BrokerServer, name: str, **labels: str) -> float:
+    """The value of one sample on a broker's registry (0 when the series has none yet)."""
+    value = server.broker.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
 @pytest.fixture(scope="session")
 def tls_ca() -> trustme.CA:
     return trustme.CA()

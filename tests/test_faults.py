@@ -16,12 +16,7 @@ from broker.app import Broker, BrokerServer
 from broker.config import load_config
 from broker.sandbox import IfsApps10Sim
 
-from .conftest import BrokerFactory, SimStarter, ifs_connector
-
-
-def metric(server: BrokerServer, name: str, **labels: str) -> float:
-    value = server.broker.metrics.registry.get_sample_value(name, labels)
-    return 0.0 if value is None else value
+from .conftest import BrokerFactory, SimStarter, ifs_connector, metric
 
 
 @pytest.fixture

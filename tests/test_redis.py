@@ -25,7 +25,7 @@ from broker.sandbox import IfsApps10Sim
 from broker.stores import redis as redis_store
 from broker.stores.redis import RedisStore
 
-from .conftest import BrokerFactory, ifs_connector
+from .conftest import BrokerFactory, ifs_connector, metric
 from .procs import BrokerProcess
 from .redis_server import RedisServer, RedisTls
 
@@ -120,11 +120,6 @@ async def status_of(http: aiohttp.ClientSession, base: str, path: str) -> int:
 async def spread(http: aiohttp.ClientSession, bases: list[str], n: int) -> list[int]:
     """``n`` concurrent requests, round robin over the replicas."""
     return list(await asyncio.gather(*(status_of(http, bases[i % len(bases)], f"/ifs/_test/echo/{i}") for i in range(n))))
-
-
-def metric(server: BrokerServer, name: str, **labels: str) -> float:
-    value = server.broker.metrics.registry.get_sample_value(name, labels)
-    return 0.0 if value is None else value
 
 
 def store_of(server: BrokerServer) -> RedisStore:
