@@ -11,6 +11,7 @@ import asyncio
 import functools
 import os
 import re
+import ssl
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
@@ -29,9 +30,10 @@ from .errors import (
     UpstreamUnreachable,
     error_response,
 )
+from .http1 import InvalidHeader, Response, UpstreamError
 from .logs import info_line
 from .retry import AUTH, RATE_LIMITED, RetryBudget, backoff_delay, parse_retry_after, should_retry
-from .upstream import SKIP_AUTO_HEADERS, Connector
+from .upstream import Connector
 
 log = structlog.get_logger("broker.proxy")
 
@@ -277,14 +279,12 @@ class Proxy:
     ) -> tuple[web.StreamResponse, int]:
         """Send the request to the ERP, replaying it when the policy says so; stream the answer."""
         method = request.method
-        url = connector.url_for(rest, query)
+        target = connector.target_for(rest, query)
         headers = request_headers(request.headers)
         headers[REQUEST_ID] = request_id
         config = connector.config
         if request.body_exists:
             body = await read_body(request, config.replay_max_bytes)
-            if body.length is not None:
-                headers["Content-Length"] = str(body.length)
         else:
             body = NO_BODY  # most requests: no coroutine to learn there is nothing to read
         budget: RetryBudget | None = None  # made on the first 429/504: most requests need none
@@ -299,7 +299,7 @@ class Proxy:
                 await connector.wait_turn()
             connector.authenticator.apply(headers, token)
             attempts += 1
-            upstream = await self._send(connector, method, url, headers, body)
+            upstream = await self._send(connector, method, target, headers, body)
             status = upstream.status
             if status in connector.auth_statuses and not auth_replayed and body.replayable:
                 upstream.release()
@@ -335,41 +335,38 @@ class Proxy:
         self,
         connector: Connector,
         method: str,
-        url: object,
+        target: str,
         headers: CIMultiDict[str],
         body: Body,
-    ) -> aiohttp.ClientResponse:
+    ) -> Response:
         started = time.perf_counter()
         try:
-            return await connector.session.request(
-                method,
-                url,  # type: ignore[arg-type]
-                headers=headers,
-                data=body.payload(),
-                allow_redirects=False,
-                skip_auto_headers=SKIP_AUTO_HEADERS,
+            return await connector.pool.request(
+                method, target, headers.items(), body.payload(), length=body.length
             )
-        except (aiohttp.ServerTimeoutError, TimeoutError):
+        except TimeoutError:
             raise UpstreamTimeout(
                 f"the ERP did not answer within {connector.config.timeout:g}s",
                 connector=connector.name,
             ) from None
-        except aiohttp.ClientSSLError as exc:
+        except ssl.SSLError as exc:
             raise UpstreamUnreachable(
                 f"TLS error talking to {connector.host} ({type(exc).__name__}): check ca_file "
                 "or the server certificate",
                 connector=connector.name,
             ) from None
-        except (aiohttp.ClientError, OSError) as exc:
+        except InvalidHeader as exc:
+            raise UpstreamUnreachable(str(exc), connector=connector.name) from None
+        except (UpstreamError, OSError) as exc:
             raise UpstreamUnreachable(
-                f"cannot reach {connector.host}: {type(exc).__name__}", connector=connector.name
+                f"cannot reach {connector.host}: {exc}", connector=connector.name
             ) from None
         finally:
             connector.series.upstream_duration.observe(time.perf_counter() - started)
 
     @staticmethod
     async def _stream_back(
-        request: web.BaseRequest, upstream: aiohttp.ClientResponse, request_id: str
+        request: web.BaseRequest, upstream: Response, request_id: str
     ) -> web.StreamResponse:
         status = upstream.status
         length = upstream.content_length
@@ -385,14 +382,12 @@ class Proxy:
             # upstream Content-Length and Content-Encoding among them) go out as they came.
             try:
                 data = await upstream.read()
-            except TimeoutError:  # aiohttp's ServerTimeoutError included
+            except TimeoutError:
                 upstream.close()
                 raise UpstreamTimeout("the ERP stopped sending its response") from None
-            except aiohttp.ClientError as exc:
+            except UpstreamError as exc:
                 upstream.close()
-                raise UpstreamUnreachable(
-                    f"the ERP broke off its response ({type(exc).__name__})"
-                ) from None
+                raise UpstreamUnreachable(f"the ERP broke off its response: {exc}") from None
             except BaseException:
                 upstream.close()
                 raise
@@ -408,7 +403,7 @@ class Proxy:
             await response.prepare(request)
             # Whatever has arrived, in one write: a 1 MiB body is a few large writes rather
             # than sixteen 64 KiB slices (the reader's buffer bounds what "arrived" can be).
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream.iter_any():
                 await response.write(chunk)
             await response.write_eof()
         except BaseException:

@@ -1,20 +1,19 @@
-"""One configured ERP at run time: its HTTP session, its credential, its rate-limit state."""
+"""One configured ERP at run time: its connections, its credential, its rate-limit state."""
 
 from __future__ import annotations
 
 import asyncio
 import ssl
 import time
-from collections.abc import Iterable
 
 import aiohttp
 import structlog
-from multidict import CIMultiDict
 from yarl import URL
 
 from .config import ConnectorConfig, InforIonConfig, fingerprint
 from .connectors import build_authenticator
 from .errors import RateLimited
+from .http1 import Pool
 from .metrics import ConnectorSeries, Metrics
 from .tokens import LocalCoordinator, TokenManager, TokenPolicy
 from .types import Authenticator, Clock, Coordinator, TokenStore
@@ -23,28 +22,6 @@ log = structlog.get_logger("broker.upstream")
 
 #: Connections kept to one ERP; a sidecar serves one app, so this is generous.
 CONNECTION_LIMIT = 256
-#: Bytes of a response body read ahead per connection (aiohttp's default is 64 KiB): large
-#: bodies move in fewer, larger steps; memory per stream stays bounded (about twice this).
-READ_BUFSIZE = 256 * 1024
-#: Headers aiohttp would add on its own; the proxy sends the app's request without them.
-SKIP_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
-_SKIP_AUTO_LIST: CIMultiDict[None] = CIMultiDict((h, None) for h in sorted(SKIP_AUTO_HEADERS))
-
-
-class _Request(aiohttp.ClientRequest):
-    """aiohttp's request, minus the per-request cost of ``skip_auto_headers``.
-
-    For the proxy's fixed set (all of aiohttp's automatic headers) the outcome is known:
-    nothing is added, and the set is what later checks (``Content-Type``) consult. aiohttp
-    builds and merges three header dicts to find that out, on every request; here it is a
-    constant. Any other set (token requests) takes aiohttp's own path.
-    """
-
-    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
-        if skip_auto_headers is not None and skip_auto_headers == SKIP_AUTO_HEADERS:
-            self._skip_auto_headers = _SKIP_AUTO_LIST
-            return
-        super().update_auto_headers(skip_auto_headers)
 
 
 def ssl_context(config: ConnectorConfig) -> ssl.SSLContext | bool:
@@ -54,6 +31,18 @@ def ssl_context(config: ConnectorConfig) -> ssl.SSLContext | bool:
     if config.ca_file:
         return ssl.create_default_context(cafile=config.ca_file)
     return True
+
+
+def proxy_ssl_context(config: ConnectorConfig) -> ssl.SSLContext:
+    """:func:`ssl_context` as the proxy's own client needs it: always a context."""
+    context = ssl_context(config)
+    if context is True:
+        return ssl.create_default_context()
+    if context is False:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 class Connector:
@@ -74,7 +63,10 @@ class Connector:
         self.config = config
         self.route = route
         self.base = config.upstream_base().rstrip("/")
-        self.host = URL(self.base).host or ""
+        base = URL(self.base)
+        self.host = base.host or ""
+        #: The base URL's path as it goes on the wire, without its trailing slash.
+        self.base_path = base.raw_path.rstrip("/")
         self.coordinator = coordinator
         self.metrics = metrics
         # Series exist from the start, so rate()/increase() see the first event too.
@@ -91,15 +83,22 @@ class Connector:
             connector=aiohttp.TCPConnector(
                 limit=CONNECTION_LIMIT, ssl=ssl_context(config), enable_cleanup_closed=True
             ),
-            # The app's bytes, untouched: no decompression, no cookie jar shared between
-            # the app's requests, no redirects followed.
+            # Token requests and discovery: no decompression behind the app's back, no
+            # cookie jar shared between requests.
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
-            request_class=_Request,
-            read_bufsize=READ_BUFSIZE,
             timeout=aiohttp.ClientTimeout(
                 total=None, sock_connect=config.timeout, sock_read=config.timeout
             ),
+        )
+        #: The proxy's connections to the ERP (token requests and discovery use ``session``).
+        self.pool = Pool(
+            self.host,
+            base.port or (443 if base.scheme == "https" else 80),
+            ssl_context=proxy_ssl_context(config) if base.scheme == "https" else None,
+            limit=CONNECTION_LIMIT,
+            connect_timeout=config.timeout,
+            read_timeout=config.timeout,
         )
         self._clock = clock
         #: The config the credentials come from (replaced when a secret file changes).
@@ -151,12 +150,11 @@ class Connector:
         log.info("credentials_changed", connector=self.name)
         return True
 
-    def url_for(self, rest: str, query: str) -> URL:
-        """``<base>/<rest>?<query>``, byte for byte: nothing is decoded or re-encoded."""
-        target = f"{self.base}/{rest}"
-        if query:
-            target = f"{target}?{query}"
-        return URL(target, encoded=True)
+    def target_for(self, rest: str, query: str) -> str:
+        """The request target sent to the ERP: ``<base path>/<rest>?<query>``, byte for byte
+        (nothing is decoded or re-encoded)."""
+        target = f"{self.base_path}/{rest}"
+        return f"{target}?{query}" if query else target
 
     def turn_ready(self) -> bool:
         """Fast path of :meth:`wait_turn`: True when nothing can make this request wait (no
@@ -211,4 +209,5 @@ class Connector:
 
     async def close(self, *, revoke: bool) -> None:
         await self.tokens.stop(revoke=revoke)
+        self.pool.close()
         await self.session.close()

@@ -185,10 +185,9 @@ class TestDisconnects:
         async with asyncio.timeout(3):
             await proxy.idle.wait()
         assert metric(broker, "erp_broker_inflight_requests", connector="ifs") == 0
-        session_connector = broker.broker.connectors["ifs"].session.connector
-        assert session_connector is not None
+        pool = broker.broker.connectors["ifs"].pool
         # The half-read upstream connection was closed, not returned to the pool.
-        assert sum(len(v) for v in session_connector._conns.values()) == 0
+        assert pool.idle_connections == 0 and pool.open_connections == 0
 
 
 class TestRotatedSecret:

@@ -237,14 +237,17 @@ class TestStreamBack:
         from aiohttp import web
         from aiohttp.test_utils import RawTestServer
 
+        from broker.http1 import Pool
         from broker.proxy import Proxy
 
         origin = RawTestServer(origin_handler)
         await origin.start_server()
-        session = aiohttp.ClientSession(auto_decompress=False)
+        session = Pool(
+            "127.0.0.1", origin.port, ssl_context=None, limit=4, connect_timeout=5, read_timeout=5
+        )
 
         async def proxy_handler(request: web.BaseRequest) -> web.StreamResponse:
-            upstream = await session.request(method, origin.make_url("/"))
+            upstream = await session.request(method, "/", [])
             return await Proxy._stream_back(request, upstream, "rid-1")
 
         proxy = RawTestServer(proxy_handler)
@@ -255,7 +258,7 @@ class TestStreamBack:
                     body = await answer.read()
                     return answer.status, list(answer.headers.items()), body
         finally:
-            await session.close()
+            session.close()
             await proxy.close()
             await origin.close()
 
@@ -331,11 +334,11 @@ class TestStreamBack:
 
     async def test_small_body_broken_off_is_upstream_unreachable(self) -> None:
         """An ERP that closes mid-way through a small body: a 502 broker error, not a crash."""
-        import aiohttp
         from aiohttp import web
         from aiohttp.test_utils import RawTestServer, make_mocked_request
 
         from broker.errors import UpstreamUnreachable
+        from broker.http1 import Pool
         from broker.proxy import Proxy
 
         async def origin(request: web.BaseRequest) -> web.StreamResponse:
@@ -348,10 +351,14 @@ class TestStreamBack:
 
         server = RawTestServer(origin)
         await server.start_server()
+        pool = Pool(
+            "127.0.0.1", server.port, ssl_context=None, limit=4, connect_timeout=5, read_timeout=5
+        )
         try:
-            async with aiohttp.ClientSession() as session:
-                upstream = await session.get(server.make_url("/"))
-                with pytest.raises(UpstreamUnreachable, match="broke off"):
-                    await Proxy._stream_back(make_mocked_request("GET", "/"), upstream, "rid")
+            upstream = await pool.request("GET", "/", [])
+            with pytest.raises(UpstreamUnreachable, match="broke off"):
+                await Proxy._stream_back(make_mocked_request("GET", "/"), upstream, "rid")
+            assert pool.open_connections == 0
         finally:
+            pool.close()
             await server.close()
