@@ -10,8 +10,8 @@ arrives with flow control both ways.
 What it guarantees:
 
 - the request goes out as given: method, target and headers byte for byte (no header added
-  but ``Host`` and the body's framing; header names and values with control characters are
-  refused, as aiohttp refuses them);
+  but ``Host`` and the body's framing; a header holding CR, LF or NUL is refused, as aiohttp
+  refuses it);
 - a connection goes back to the pool only after its response was read to the end and the
   ERP did not ask to close it; anything else (a body left half read, a cancelled request, a
   malformed response) closes it;
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import re
 import socket
 import ssl
 from collections.abc import AsyncIterator, Iterable
@@ -44,7 +43,6 @@ MAX_HEAD = 64 * 1024
 _REPLAYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 #: Methods that carry ``Content-Length: 0`` when sent without a body (aiohttp's rule).
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
-_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class UpstreamError(Exception):
@@ -151,8 +149,18 @@ class Pool:
         body: Body,
         length: int | None,
     ) -> bytes:
+        fields = [f"{name}: {value}" for name, value in headers]
+        # CR or LF in a field would start another header (an injection), NUL cuts it short:
+        # refused, as aiohttp refuses them. One memchr-speed test per character over the
+        # joined fields; other control characters cannot arrive here (aiohttp's parser
+        # refuses them in the app's headers, tokens are checked once when issued).
+        joined = "".join(fields)
+        if "\r" in joined or "\n" in joined or "\x00" in joined:
+            raise InvalidHeader("a header to send to the ERP holds CR, LF or NUL; refused")
         lines = [f"{method} {target} HTTP/1.1\r\n", self._host_line]
-        lines += [f"{name}: {value}\r\n" for name, value in headers]
+        if fields:
+            lines.append("\r\n".join(fields))
+            lines.append("\r\n")
         if body is None:
             if method not in _BODYLESS_METHODS:
                 lines.append("Content-Length: 0\r\n")
@@ -163,12 +171,7 @@ class Pool:
         else:
             lines.append("Transfer-Encoding: chunked\r\n")
         lines.append("\r\n")
-        text = "".join(lines)
-        # Every line ends in CRLF and nothing else may hold a control character: one scan of
-        # the text without its line ends.
-        if _FORBIDDEN.search(text.replace("\r\n", "")) is not None:
-            raise InvalidHeader("a header to send to the ERP holds a control character; refused")
-        return text.encode("utf-8", "surrogateescape")
+        return "".join(lines).encode("utf-8", "surrogateescape")
 
     async def _acquire(self, *, fresh: bool) -> _Connection:
         loop = asyncio.get_running_loop()

@@ -60,6 +60,12 @@ class Token:
         register(self.access)
         if self.refresh:
             register(self.refresh)
+        # It goes into a header of every request: a control character would be a header
+        # injection (checked once here, not on every request).
+        if not self.access.isprintable():
+            raise TokenEndpointError(
+                "the token endpoint issued an access token holding control characters; refused"
+            )
 
     def expired(self, now: float) -> bool:
         """True once the token is too close to its expiry to be sent."""

@@ -150,6 +150,18 @@ class TestIdentityProviderFaults:
         )
         assert failures >= 1
 
+    async def test_token_with_a_line_break_is_refused_not_injected(
+        self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+    ) -> None:
+        """An access token holding CR/LF would add headers to every request: refused when issued."""
+        ifs_sim.queue_token_response(200, body=b'{"access_token": "abc\\r\\nX-Evil: 1", "expires_in": 300}', count=1000)
+        server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file, token_timeout=3)})
+        async with http.get(f"{server.proxy_url}/ifs/_test/echo/x") as resp:
+            assert resp.status == 502
+            assert resp.headers["X-Broker-Error"] == "auth_failed"
+            assert "control characters" in (await resp.json())["error"]["message"]
+        assert ifs_sim.api_requests == []
+
     async def test_slow_idp_never_hangs_a_request(self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession) -> None:
         """A token endpoint slower than token_timeout: auth_failed within the timeout."""
         ifs_sim.token_delay = 5
