@@ -362,3 +362,73 @@ class TestStreamBack:
         finally:
             pool.close()
             await server.close()
+
+
+class TestLineWriter:
+    """Log lines of one loop iteration go out in one write, in order; none is lost."""
+
+    class Recorder(io.BytesIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.writes: list[bytes] = []
+
+        def write(self, data: Any) -> int:
+            self.writes.append(bytes(data))
+            return super().write(data)
+
+    def test_outside_a_loop_each_line_at_once(self) -> None:
+        file = self.Recorder()
+        writer = logs.LineWriter(file)
+        writer.msg(b"one")
+        writer.info(b"two")
+        assert file.writes == [b"one\n", b"two\n"]
+
+    def test_one_write_per_loop_iteration(self) -> None:
+        import asyncio
+
+        file = self.Recorder()
+        writer = logs.LineWriter(file)
+
+        async def main() -> list[bytes]:
+            for n in range(5):
+                writer.msg(f"line {n}".encode())
+            before = list(file.writes)
+            await asyncio.sleep(0)  # one iteration: the scheduled write runs
+            await asyncio.sleep(0)
+            writer.msg(b"next")
+            return before
+
+        assert asyncio.run(main()) == []
+        assert file.writes[0] == b"".join(f"line {n}\n".encode() for n in range(5))
+        # The line logged last was written once the loop ran again, or at the latest when
+        # the next line came outside a loop.
+        writer.msg(b"after")
+        assert b"".join(file.writes).endswith(b"next\nafter\n")
+
+    def test_pending_lines_survive_a_closed_loop(self) -> None:
+        """A loop closed before its scheduled write: the lines go out with the next one."""
+        import asyncio
+
+        file = self.Recorder()
+        writer = logs.LineWriter(file)
+        loop = asyncio.new_event_loop()
+
+        async def log(line: bytes) -> None:
+            writer.msg(line)
+
+        loop.run_until_complete(log(b"a"))
+        loop.close()  # the scheduled write may never run on it
+        asyncio.run(log(b"b"))
+        writer.flush()
+        assert b"".join(file.writes) == b"a\nb\n"
+
+    def test_json_logging_uses_it_for_a_binary_stream(self, restore_logging: None) -> None:
+        """configure_logging on stdout (a buffered binary stream): lines through LineWriter."""
+        raw = self.Recorder()
+        stream = io.TextIOWrapper(raw, write_through=True)
+        configure_logging("info", "json", stream=stream)
+        log = structlog.get_logger("test-writer")
+        log.info("hello", n=1)
+        info_line(log, "request", {"status": 200})
+        lines = [orjson.loads(line) for line in b"".join(raw.writes).splitlines()]
+        assert [line["event"] for line in lines] == ["hello", "request"]
