@@ -37,6 +37,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 KEEPALIVE_TIMEOUT = 15.0
 #: Bytes of a response body buffered before reading from the ERP pauses.
 HIGH_WATER = 256 * 1024
+#: Reads larger than this that start a response have their head parsed apart from the body.
+_SPLIT_AT = 16 * 1024
 #: Largest response head (status line and headers) accepted.
 MAX_HEAD = 64 * 1024
 #: Methods sent again on a fresh connection when a pooled one was found closed.
@@ -66,6 +68,8 @@ class InvalidHeader(ValueError):
 
 
 Body = bytes | AsyncIterator[bytes] | None
+#: A piece of a response body: the bytes read, or a view of them (no copy).
+Chunk = bytes | memoryview
 
 
 class Pool:
@@ -194,6 +198,12 @@ class Pool:
             self._waiters.append(waiter)
             try:
                 await waiter
+            except BaseException:
+                # Woken for a free place but cancelled before taking it: pass the turn on,
+                # or the next waiter waits for a wake-up that already happened.
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()
+                raise
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
@@ -259,6 +269,7 @@ class Response:
         "_conn",
         "_done",
         "_keep_alive",
+        "_remaining",
         "_until_eof",
         "content_length",
         "headers",
@@ -281,34 +292,37 @@ class Response:
         length = headers.get("Content-Length")
         self.content_length = int(length) if length is not None and length.isdigit() else None
         self._conn = conn
-        self._chunks: collections.deque[bytes] = collections.deque()
+        self._chunks: collections.deque[Chunk] = collections.deque()
         self._buffered = 0
         self._done = False
         self._keep_alive = keep_alive
         self._until_eof = until_eof
+        #: Body bytes still to come when the length is known (Content-Length), else None.
+        self._remaining: int | None = None
 
     async def read(self) -> bytes:
         """The whole body."""
         conn = self._conn
         while not self._done:
+            # The whole body is wanted: what has arrived must not hold back the rest (the
+            # pause at HIGH_WATER bounds what an iter_any consumer leaves waiting).
+            conn.resume_reading()
             await conn.wait()
         data = b"".join(self._chunks)
         self._chunks.clear()
         self._buffered = 0
         return data
 
-    async def iter_any(self) -> AsyncIterator[bytes]:
+    async def iter_any(self) -> AsyncIterator[Chunk]:
         """The body in whatever pieces have arrived, each as soon as it has."""
         conn = self._conn
         while True:
             if self._chunks:
-                if len(self._chunks) == 1:
-                    chunk = self._chunks.popleft()
-                else:
-                    chunk = b"".join(self._chunks)
-                    self._chunks.clear()
-                self._buffered = 0
-                conn.resume_reading()
+                # One at a time, as they came: joining them would copy every byte once more.
+                chunk = self._chunks.popleft()
+                self._buffered -= len(chunk)
+                if self._buffered <= HIGH_WATER:
+                    conn.resume_reading()
                 yield chunk
             elif self._done:
                 return
@@ -327,15 +341,20 @@ class Response:
             and conn.response is self
         ):
             conn.response = None
+            # The body may have ended in the read that paused reading, and not been read:
+            # an idle connection must read, to see the next answer or the ERP closing it.
+            conn.resume_reading()
             conn.pool._put(conn)
-        else:
+        elif conn.response is self:
             conn.close()
+        # else: released before; the connection may carry another request now
 
     def close(self) -> None:
         """Close the connection: the body is not read to its end."""
-        self._conn.close()
+        if self._conn.response is self:
+            self._conn.close()
 
-    def _feed(self, chunk: bytes) -> None:
+    def _feed(self, chunk: Chunk) -> None:
         self._chunks.append(chunk)
         self._buffered += len(chunk)
         if self._buffered > HIGH_WATER:
@@ -367,6 +386,10 @@ class _Connection(asyncio.Protocol):
         self._headers: list[tuple[str, str]] = []
         self._head_size = 0
         self._waiter: asyncio.Future[None] | None = None
+        #: Bytes read while no answer head was complete (bounded by MAX_HEAD).
+        self._head_bytes = 0
+        #: True while the rest of a body of known length arrives (see data_received).
+        self._raw = False
         self._reading_paused = False
         self._writing_paused = False
         self._drain: asyncio.Future[None] | None = None
@@ -378,6 +401,7 @@ class _Connection(asyncio.Protocol):
         if self.closed or transport is None or transport.is_closing():
             raise UpstreamClosed("the ERP closed the connection")
         self._method = method
+        self._head_bytes = 0
         self.answered = False
         self.response = None
         self.error = None
@@ -406,10 +430,10 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         async for chunk in body:
-            if self.closed:
-                raise UpstreamClosed("the ERP closed the connection while the body was sent")
             if self.response is not None:
                 return  # the ERP answered early (an error, say): stop; the connection closes
+            if self.closed:
+                raise UpstreamClosed("the ERP closed the connection while the body was sent")
             if not chunk:
                 continue
             if chunked:
@@ -418,18 +442,26 @@ class _Connection(asyncio.Protocol):
                 transport.write(chunk)
             if self._writing_paused:
                 await self._wait_drain()
+                if self.response is not None:
+                    return
         if chunked and not self.closed:
             transport.write(b"0\r\n\r\n")
         self.request_sent = True
 
     async def _wait_drain(self) -> None:
-        while self._writing_paused and not self.closed:
-            self._drain = self.loop.create_future()
+        # An answer ends the wait too: an ERP that answers early (413, 401) may read no more
+        # of the body, and may close the connection once it has answered.
+        while self._writing_paused and not self.closed and self.response is None:
+            drain = self._drain = self.loop.create_future()
+            # An ERP that takes no byte of the body for the read timeout is as stuck as one
+            # that sends none.
+            timer = self.loop.call_later(self.read_timeout, self._timed_out, drain)
             try:
-                await self._drain
+                await drain
             finally:
+                timer.cancel()
                 self._drain = None
-        if self.closed:
+        if self.closed and self.response is None:
             raise self.error or UpstreamClosed("the ERP closed the connection")
 
     async def wait(self) -> None:
@@ -492,16 +524,78 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.answered = True
+        if self._raw:
+            self._raw_body(data)
+            return
+        if len(data) > _SPLIT_AT and self.response is None:
+            # A head with much of a large body behind it in one read: the parser takes the
+            # head only, the body goes on without a copy (views of the bytes read).
+            end = data.find(b"\r\n\r\n")
+            if end != -1:
+                view = memoryview(data)
+                if not self._parse(view[: end + 4]):
+                    return
+                if self._raw:
+                    self._raw_body(view[end + 4 :])
+                    return
+                data = view[end + 4 :]  # type: ignore[assignment]
+        self._parse(data)
+
+    def _parse(self, data: bytes | memoryview) -> bool:
+        """Feed the parser; False when the answer turned out malformed (the connection is
+        closed then)."""
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamProtocolError("the ERP switched protocols; not supported"))
+            return False
         except httptools.HttpParserError as exc:
+            response = self.response
+            if response is not None and response._done:
+                # Garbage after a complete answer: the answer stands, the connection closes.
+                response._keep_alive = False
+                self.close()
+                return False
             cause = exc.__context__
             if isinstance(cause, UpstreamProtocolError):
                 self._fail(cause)
             else:
                 self._fail(UpstreamProtocolError(f"the ERP sent a malformed response: {exc}"))
+            return False
+        response = self.response
+        if response is None:
+            # httptools buffers a header line until it ends: bound the head as a whole.
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD:
+                self._fail(
+                    UpstreamProtocolError(
+                        f"the ERP's response head is larger than {MAX_HEAD} bytes"
+                    )
+                )
+                return False
+        elif not response._done and response._remaining:
+            # The rest of a body of known length: handed on as it arrives, without the
+            # parser (which would copy every chunk once more).
+            self._raw = True
+        return True
+
+    def _raw_body(self, data: bytes | memoryview) -> None:
+        response = self.response
+        assert response is not None and response._remaining is not None
+        remaining = response._remaining
+        if len(data) > remaining:
+            # More than the announced length, on a connection that carries one request at
+            # a time: the ERP is confused; use what was announced, then close.
+            data = data[:remaining]
+            response._keep_alive = False
+        response._remaining = remaining - len(data)
+        response._feed(data)
+        if response._remaining == 0:
+            response._done = True
+            self._raw = False
+            # The parser stopped mid-body: a new one for the next answer.
+            self.parser = httptools.HttpResponseParser(self)
+        self._wake()
 
     def eof_received(self) -> bool:
         return False  # close the transport: connection_lost follows
@@ -512,6 +606,9 @@ class _Connection(asyncio.Protocol):
             response._done = True  # a body delimited by the end of the connection
             response._keep_alive = False
         detail = f": {type(exc).__name__}" if exc is not None else ""
+        # The transport is spent: asyncio's, lost once its buffer was flushed after close(),
+        # fails on a later abort() (its loop is gone).
+        self.transport = None
         self._lost(UpstreamClosed(f"the ERP closed the connection{detail}"))
 
     def pause_writing(self) -> None:
@@ -579,13 +676,20 @@ class _Connection(asyncio.Protocol):
             keep_alive=self.parser.should_keep_alive() and not head_only,
             until_eof=until_eof,
         )
+        if not head_only and status not in (204, 304) and not until_eof:
+            if "chunked" not in headers.get("Transfer-Encoding", "").lower():
+                self.response._remaining = self.response.content_length
         if head_only:
             self.response._done = True
         self._wake()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)  # an upload waiting for the ERP to read: stop it
 
     def on_body(self, body: bytes) -> None:
         response = self.response
         if response is not None and not response._done:
+            if response._remaining is not None:
+                response._remaining -= len(body)
             response._feed(body)
             self._wake()
 
