@@ -7,6 +7,7 @@ it by accident (an upstream error body that echoes a token, say).
 
 from __future__ import annotations
 
+import bisect
 import threading
 from typing import Any
 
@@ -15,9 +16,10 @@ MASK = "***"
 _MIN_REDACT_LEN = 6
 #: Tokens come and go; keep the registry from growing without bound.
 _MAX_REGISTERED = 4096
-#: Up to this many secrets, each is looked for in turn; beyond, an index of their last
-#: characters is used, so that a long-running broker (one token per refresh, thousands in
-#: all) does not pay a thousand substring searches for every string it logs.
+#: Only secrets no longer than the text can occur in it. Up to this many of those, each is
+#: looked for in turn; beyond, an index of their last characters is used, so that a
+#: long-running broker (one token per refresh, thousands in all) does not pay a thousand
+#: substring searches for every string it logs.
 _LINEAR_MAX = 64
 
 
@@ -60,6 +62,11 @@ class _Registry:
         self._snapshot: tuple[str, ...] = ()
         #: The last _MIN_REDACT_LEN characters of each secret → the secrets ending so.
         self._index: dict[str, tuple[str, ...]] | None = None
+        #: What scrub reads, replaced as a whole: the secrets longest first, shortest first,
+        #: the latter's lengths (for bisect) and the index.
+        self._state: tuple[
+            tuple[str, ...], tuple[str, ...], tuple[int, ...], dict[str, tuple[str, ...]] | None
+        ] = ((), (), (), None)
 
     def add(self, value: str) -> None:
         if len(value) < _MIN_REDACT_LEN or value in self._values:
@@ -78,13 +85,24 @@ class _Registry:
                     index[key] = (*index.get(key, ()), secret)
             self._index = index
             self._snapshot = snapshot
+            ascending = snapshot[::-1]
+            lengths = tuple(len(secret) for secret in ascending)
+            self._state = (snapshot, ascending, lengths, index)
 
     def scrub(self, text: str) -> str:
         if len(text) < _MIN_REDACT_LEN:
             return text  # shorter than any registered secret
-        index = self._index
-        if index is None:
-            for value in self._snapshot:
+        descending, ascending, lengths, index = self._state
+        if index is None:  # few secrets: look for each (longest first)
+            for value in descending:
+                if value in text:
+                    text = text.replace(value, MASK)
+            return text
+        # Log values are mostly short (ids, paths, timestamps) and tokens long: a short text
+        # is looked for only the few secrets short enough to fit in it.
+        fit = bisect.bisect_right(lengths, len(text))
+        if fit <= _LINEAR_MAX:
+            for value in reversed(ascending[:fit]):
                 if value in text:
                     text = text.replace(value, MASK)
             return text

@@ -121,6 +121,31 @@ class TestScrubIndex:
             assert registry.scrub(text) == linear
 
 
+    def test_short_texts_against_many_long_tokens(self) -> None:
+        """Thousands of long tokens and a few short secrets: texts of every length are
+        scrubbed as the exhaustive search scrubs them (short ones look only at what fits)."""
+        rng = random.Random(11)
+        alphabet = string.ascii_letters + string.digits
+        tokens = ["".join(rng.choice(alphabet) for _ in range(rng.randint(80, 120))) for _ in range(1000)]
+        short = ["pw-" + "".join(rng.choice(alphabet) for _ in range(rng.randint(3, 12))) for _ in range(20)]
+        registry = _Registry()
+        for secret in tokens + short:
+            registry.add(secret)
+        for _ in range(400):
+            parts = [
+                rng.choice(short) if rng.random() < 0.3 else
+                rng.choice(tokens) if rng.random() < 0.1 else
+                "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30)))
+                for _ in range(rng.randint(1, 4))
+            ]
+            text = "/".join(parts)
+            exhaustive = text
+            for secret in registry._snapshot:
+                if secret in exhaustive:
+                    exhaustive = exhaustive.replace(secret, MASK)
+            assert registry.scrub(text) == exhaustive
+
+
 class TestRequestPath:
     def test_request_id_is_a_uuid4(self) -> None:
         """32 hex digits of a version-4, RFC 4122 UUID, as uuid4().hex."""
