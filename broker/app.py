@@ -19,10 +19,10 @@ from aiohttp import web
 
 from .config import Config
 from .errors import BrokerError
-from .listener import ProxyServer
 from .metrics import Metrics
 from .proxy import Proxy
 from .reload import watch_credentials
+from .server import Server
 from .stores import open_store
 from .tokens import LocalCoordinator
 from .types import Clock, Coordinator, TokenStore
@@ -140,7 +140,7 @@ class BrokerServer:
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
-        self._proxy_runner: web.BaseRunner | None = None
+        self._proxy_server: Server | None = None
         self._admin_runner: web.AppRunner | None = None
         self.proxy_port = 0
         self.admin_port = 0
@@ -163,12 +163,13 @@ class BrokerServer:
         assert broker.proxy is not None
         config = broker.config
         try:
-            server = ProxyServer(broker.proxy.handle, handler_cancellation=True)
-            self._proxy_runner = web.ServerRunner(
-                server, shutdown_timeout=config.grace_period, handle_signals=False
-            )
-            await self._proxy_runner.setup()
-            self.proxy_port = await _listen(self._proxy_runner, *config.listen_address, "listen")
+            self._proxy_server = Server(broker.proxy.handle)
+            host, port = config.listen_address
+            try:
+                self.proxy_port = await self._proxy_server.listen(host, port)
+            except OSError as exc:
+                message = f"listen: cannot listen on {host}:{port}: {exc.strerror}"
+                raise BrokerError(message) from None
             self._admin_runner = web.AppRunner(
                 admin_app(self), access_log=None, handle_signals=False, shutdown_timeout=2.0
             )
@@ -190,10 +191,10 @@ class BrokerServer:
         """Drain: readiness fails, no new connections, in-flight requests finish (grace)."""
         broker = self.broker
         broker.draining = True
-        if self._proxy_runner is not None:
+        if self._proxy_server is not None:
             log.info("draining", inflight=broker.proxy.inflight if broker.proxy else 0)
-            await self._proxy_runner.cleanup()
-            self._proxy_runner = None
+            await self._proxy_server.shutdown(broker.config.grace_period)
+            self._proxy_server = None
         await broker.close(revoke=revoke)
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()

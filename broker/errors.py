@@ -24,6 +24,7 @@ Messages never contain a secret: they name the setting to check instead.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -126,9 +127,15 @@ class DiscoveryFailed(ProxyError):
     code = "discovery_failed"
 
 
+def error_payload(code: str, message: str, connector: str | None = None) -> dict[str, Any]:
+    """The JSON body of every error the broker answers itself."""
+    return {"error": {"code": code, "message": message, "connector": connector}}
+
+
 def error_response(error: ProxyError) -> web.Response:
-    """The one mapping from a broker error to an HTTP response."""
-    body = {"error": {"code": error.code, "message": error.message, "connector": error.connector}}
+    """The one mapping from a broker error to an HTTP response (aiohttp's, for the admin
+    listener; the proxy listener's is :func:`broker.server.error_answer`)."""
+    body = error_payload(error.code, error.message, error.connector)
     return web.Response(
         status=error.status,
         body=orjson.dumps(body),

@@ -17,9 +17,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-import aiohttp
 import structlog
-from aiohttp import web
 from multidict import CIMultiDict
 
 from .errors import (
@@ -28,11 +26,12 @@ from .errors import (
     ProxyError,
     UpstreamTimeout,
     UpstreamUnreachable,
-    error_response,
 )
-from .http1 import InvalidHeader, Response, UpstreamError
+from .http1 import InvalidHeader, UpstreamError
+from .http1 import Response as Upstream
 from .logs import info_line
 from .retry import AUTH, RATE_LIMITED, RetryBudget, backoff_delay, parse_retry_after, should_retry
+from .server import BodyReader, Request, Response, error_answer
 from .upstream import Connector
 
 log = structlog.get_logger("broker.proxy")
@@ -140,7 +139,7 @@ class Body:
 NO_BODY = Body(data=None)
 
 
-async def read_body(request: web.BaseRequest, limit: int) -> Body:
+async def read_body(request: Request, limit: int) -> Body:
     """Buffer up to ``limit`` bytes for replay; stream anything larger."""
     if not request.body_exists:
         return Body(data=None)
@@ -160,7 +159,7 @@ async def read_body(request: web.BaseRequest, limit: int) -> Body:
     return Body(data=None, stream=_iter_content(request.content, b"".join(chunks)))
 
 
-async def _iter_content(content: aiohttp.StreamReader, prefix: bytes) -> AsyncIterator[bytes]:
+async def _iter_content(content: BodyReader, prefix: bytes) -> AsyncIterator[bytes]:
     if prefix:
         yield prefix
     while chunk := await content.readany():
@@ -194,7 +193,9 @@ class Proxy:
         self.idle = asyncio.Event()
         self.idle.set()
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Request) -> Response | None:
+        """Answer one request: a whole :class:`Response`, or None when the answer was
+        streamed through ``request`` already."""
         started = time.perf_counter()
         request_id = request.headers.get(REQUEST_ID)
         if request_id is None or not _VALID_REQUEST_ID.fullmatch(request_id):
@@ -209,16 +210,19 @@ class Proxy:
                 connector, rest, query = self._route(request)
                 connector.inflight += 1
                 try:
-                    response, attempts = await self.forward(
+                    response, status, attempts = await self.forward(
                         request, connector, rest, query, request_id
                     )
                 finally:
                     connector.inflight -= 1
             except ProxyError as exc:
+                if request.started:
+                    raise  # the answer's head is out: the connection is closed instead
                 if exc.connector is None and connector is not None:
                     exc.connector = connector.name
-                response = error_response(exc)
-                response.headers[REQUEST_ID] = request_id
+                response = error_answer(exc)
+                response.headers.append((REQUEST_ID, request_id))
+                status = response.status
                 log.info(
                     "broker_error",
                     code=exc.code,
@@ -226,7 +230,6 @@ class Proxy:
                     connector=exc.connector,
                     request_id=request_id,
                 )
-            status = response.status
             return response
         finally:
             self.inflight -= 1
@@ -251,7 +254,7 @@ class Proxy:
                     },
                 )
 
-    def _route(self, request: web.BaseRequest) -> tuple[Connector, str, str]:
+    def _route(self, request: Request) -> tuple[Connector, str, str]:
         if request.method == "CONNECT":
             raise BadRequest("CONNECT is refused: erp-broker is not an open proxy")
         target = request.raw_path
@@ -271,12 +274,12 @@ class Proxy:
 
     async def forward(
         self,
-        request: web.BaseRequest,
+        request: Request,
         connector: Connector,
         rest: str,
         query: str,
         request_id: str,
-    ) -> tuple[web.StreamResponse, int]:
+    ) -> tuple[Response | None, int, int]:
         """Send the request to the ERP, replaying it when the policy says so; stream the answer."""
         method = request.method
         target = connector.target_for(rest, query)
@@ -329,7 +332,7 @@ class Proxy:
                         connector.metrics.backoff_seconds.labels(connector.name, reason).inc(wait)
                         await asyncio.sleep(wait)
                     continue
-            return await self._stream_back(request, upstream, request_id), attempts
+            return await self._stream_back(request, upstream, request_id), status, attempts
 
     async def _send(
         self,
@@ -338,7 +341,7 @@ class Proxy:
         target: str,
         headers: CIMultiDict[str],
         body: Body,
-    ) -> Response:
+    ) -> Upstream:
         started = time.perf_counter()
         try:
             return await connector.pool.request(
@@ -366,8 +369,8 @@ class Proxy:
 
     @staticmethod
     async def _stream_back(
-        request: web.BaseRequest, upstream: Response, request_id: str
-    ) -> web.StreamResponse:
+        request: Request, upstream: Upstream, request_id: str
+    ) -> Response | None:
         status = upstream.status
         length = upstream.content_length
         if (
@@ -377,9 +380,9 @@ class Proxy:
             and status not in _BODILESS_STATUSES
             and request.method != "HEAD"
         ):
-            # A small body of known length: read it whole and answer in one write, without
-            # the prepare / write / write_eof round trips of streaming. The headers (the
-            # upstream Content-Length and Content-Encoding among them) go out as they came.
+            # A small body of known length: read it whole and answer in one write. The
+            # headers (the upstream Content-Length and Content-Encoding among them) go out
+            # as they came.
             try:
                 data = await upstream.read()
             except TimeoutError:
@@ -394,20 +397,18 @@ class Proxy:
             upstream.release()
             headers = _without(upstream.headers, _RESPONSE_DROP_WITH_ID)
             headers.append((REQUEST_ID, request_id))
-            return web.Response(status=status, reason=upstream.reason, body=data, headers=headers)
-        response = web.StreamResponse(status=status, reason=upstream.reason)
-        out = response.headers
-        out.extend(_without(upstream.headers, _RESPONSE_DROP))
-        out[REQUEST_ID] = request_id
+            return Response(status, headers, data, upstream.reason)
+        headers = _without(upstream.headers, _RESPONSE_DROP_WITH_ID)
+        headers.append((REQUEST_ID, request_id))
         try:
-            await response.prepare(request)
-            # Whatever has arrived, in one write: a 1 MiB body is a few large writes rather
-            # than sixteen 64 KiB slices (the reader's buffer bounds what "arrived" can be).
+            # The length as the ERP announced it; without one (chunked, or until the ERP
+            # closed) the body is chunked to the app.
+            chunked = request.start(status, upstream.reason, headers, length=length)
             async for chunk in upstream.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
+                await request.write(chunk, chunked)
+            request.write_eof(chunked)
         except BaseException:
             upstream.close()  # a half-read body cannot go back to the pool
             raise
         upstream.release()
-        return response
+        return None
