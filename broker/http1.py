@@ -156,8 +156,8 @@ class Pool:
         fields = [f"{name}: {value}" for name, value in headers]
         # CR or LF in a field would start another header (an injection), NUL cuts it short:
         # refused, as aiohttp refuses them. One memchr-speed test per character over the
-        # joined fields; other control characters cannot arrive here (aiohttp's parser
-        # refuses them in the app's headers, tokens are checked once when issued).
+        # joined fields; other control characters cannot arrive here (the listener's
+        # parser refuses them in the app's headers, tokens are checked once when issued).
         joined = "".join(fields)
         if "\r" in joined or "\n" in joined or "\x00" in joined:
             raise InvalidHeader("a header to send to the ERP holds CR, LF or NUL; refused")
