@@ -33,10 +33,10 @@ from collections.abc import AsyncIterator, Iterable
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from .flow import Chunk, Chunks, Reading
+
 #: Idle connections older than this are closed rather than reused (aiohttp's default).
 KEEPALIVE_TIMEOUT = 15.0
-#: Bytes of a response body buffered before reading from the ERP pauses.
-HIGH_WATER = 256 * 1024
 #: Reads larger than this that start a response have their head parsed apart from the body.
 _SPLIT_AT = 16 * 1024
 #: Largest response head (status line and headers) accepted.
@@ -68,8 +68,6 @@ class InvalidHeader(ValueError):
 
 
 Body = bytes | AsyncIterator[bytes] | None
-#: A piece of a response body: the bytes read, or a view of them (no copy).
-Chunk = bytes | memoryview
 
 
 class Pool:
@@ -264,7 +262,6 @@ class Response:
     """An ERP's answer: its head at once, its body as it arrives."""
 
     __slots__ = (
-        "_buffered",
         "_chunks",
         "_conn",
         "_done",
@@ -292,8 +289,7 @@ class Response:
         length = headers.get("Content-Length")
         self.content_length = int(length) if length is not None and length.isdigit() else None
         self._conn = conn
-        self._chunks: collections.deque[Chunk] = collections.deque()
-        self._buffered = 0
+        self._chunks = Chunks(conn)
         self._done = False
         self._keep_alive = keep_alive
         self._until_eof = until_eof
@@ -308,22 +304,14 @@ class Response:
             # pause at HIGH_WATER bounds what an iter_any consumer leaves waiting).
             conn.resume_reading()
             await conn.wait()
-        data = b"".join(self._chunks)
-        self._chunks.clear()
-        self._buffered = 0
-        return data
+        return self._chunks.take_all()
 
     async def iter_any(self) -> AsyncIterator[Chunk]:
         """The body in whatever pieces have arrived, each as soon as it has."""
         conn = self._conn
         while True:
             if self._chunks:
-                # One at a time, as they came: joining them would copy every byte once more.
-                chunk = self._chunks.popleft()
-                self._buffered -= len(chunk)
-                if self._buffered <= HIGH_WATER:
-                    conn.resume_reading()
-                yield chunk
+                yield self._chunks.take()
             elif self._done:
                 return
             else:
@@ -355,13 +343,10 @@ class Response:
             self._conn.close()
 
     def _feed(self, chunk: Chunk) -> None:
-        self._chunks.append(chunk)
-        self._buffered += len(chunk)
-        if self._buffered > HIGH_WATER:
-            self._conn.pause_reading()
+        self._chunks.put(chunk)
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(Reading, asyncio.Protocol):
     """One connection to the ERP; it carries one request at a time."""
 
     def __init__(self, pool: Pool, read_timeout: float) -> None:
@@ -491,16 +476,6 @@ class _Connection(asyncio.Protocol):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-
-    def pause_reading(self) -> None:
-        if not self._reading_paused and self.transport is not None and not self.closed:
-            self._reading_paused = True
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self._reading_paused and self.transport is not None and not self.closed:
-            self._reading_paused = False
-            self.transport.resume_reading()
 
     def close(self) -> None:
         if not self.closed:

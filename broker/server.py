@@ -37,6 +37,7 @@ import structlog
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .errors import ProxyError, error_payload
+from .flow import HIGH_WATER, Chunks, Reading
 
 log = structlog.get_logger("broker.listener")
 
@@ -50,8 +51,6 @@ MAX_HEADERS = 128
 KEEPALIVE_TIMEOUT = 75.0
 #: At shutdown, how long handlers cancelled after the grace period get to unwind.
 CANCEL_GRACE = 1.0
-#: Request body bytes buffered before reading from the client pauses.
-HIGH_WATER = 256 * 1024
 
 _REASONS: dict[int, str] = {}
 
@@ -119,12 +118,11 @@ def json_response(status: int, payload: Any, headers: Iterable[tuple[str, str]] 
 class BodyReader:
     """The request body as it arrives (``readany``), with flow control towards the client."""
 
-    __slots__ = ("_chunks", "_conn", "_done", "_error", "_size", "_waiter", "expect_continue")
+    __slots__ = ("_chunks", "_conn", "_done", "_error", "_waiter", "expect_continue")
 
     def __init__(self, conn: _Connection) -> None:
         self._conn = conn
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._size = 0
+        self._chunks = Chunks(conn)
         self._done = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -135,11 +133,7 @@ class BodyReader:
         """The next piece of the body; b"" at its end."""
         while True:
             if self._chunks:
-                chunk = self._chunks.popleft()
-                self._size -= len(chunk)
-                if self._size <= HIGH_WATER:
-                    self._conn.resume_reading()
-                return chunk
+                return bytes(self._chunks.take())
             if self._done:
                 return b""
             if self._error is not None:
@@ -161,10 +155,7 @@ class BodyReader:
         return b"".join(chunks)
 
     def feed(self, chunk: bytes) -> None:
-        self._chunks.append(chunk)
-        self._size += len(chunk)
-        if self._size > HIGH_WATER:
-            self._conn.pause_reading()
+        self._chunks.put(chunk)
         self._wake()
 
     def end(self) -> None:
@@ -274,7 +265,7 @@ class Request:
 Handler = Callable[[Request], Awaitable[Response | None]]
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(Reading, asyncio.Protocol):
     """One client connection: requests parsed, handled one at a time, answered in order."""
 
     def __init__(self, server: Server) -> None:
@@ -531,10 +522,7 @@ class _Connection(asyncio.Protocol):
             headers.append(("Connection", "keep-alive"))
         if not any(name.lower() == "date" for name, _ in headers):
             headers.append(("Date", _Date.now()))
-        lines = [f"HTTP/1.1 {status} {reason}\r\n"]
-        lines += [f"{name}: {value}\r\n" for name, value in headers]
-        lines.append("\r\n")
-        return "".join(lines).encode("utf-8", "surrogateescape")
+        return _serialize(status, reason, headers)
 
     def _refuse(self, refused: _Refused) -> None:
         if refused.status >= 500:
@@ -561,12 +549,7 @@ class _Connection(asyncio.Protocol):
         response.headers.append(("Connection", "close"))
         response.headers.append(("Content-Length", str(len(response.body))))
         response.headers.append(("Date", _Date.now()))
-        head = "".join(
-            [f"HTTP/1.1 {response.status} {response.reason}\r\n"]
-            + [f"{name}: {value}\r\n" for name, value in response.headers]
-            + ["\r\n"]
-        ).encode()
-        self.write(head + response.body)
+        self.write(_serialize(response.status, response.reason, response.headers) + response.body)
         self.close()
 
     # -- transport ------------------------------------------------------------------------
@@ -589,17 +572,10 @@ class _Connection(asyncio.Protocol):
         if self.closed:
             raise ConnectionResetError("the client closed the connection")
 
-    def pause_reading(self) -> None:
-        if not self._reading_paused and self.transport is not None and not self.closed:
-            self._reading_paused = True
-            self.transport.pause_reading()
-
     def resume_reading(self) -> None:
-        if self._reading_paused and self.transport is not None and not self.closed:
-            if len(self._queue) > 1:
-                return  # a pipelined request waits: read no more until it is answered
-            self._reading_paused = False
-            self.transport.resume_reading()
+        if len(self._queue) > 1:
+            return  # a pipelined request waits: read no more until it is answered
+        super().resume_reading()
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
@@ -609,6 +585,14 @@ class _Connection(asyncio.Protocol):
     @property
     def busy(self) -> bool:
         return bool(self._queue) or self._task is not None
+
+
+def _serialize(status: int, reason: str, headers: list[tuple[str, str]]) -> bytes:
+    """An answer's head as it goes on the wire."""
+    lines = [f"HTTP/1.1 {status} {reason}\r\n"]
+    lines += [f"{name}: {value}\r\n" for name, value in headers]
+    lines.append("\r\n")
+    return "".join(lines).encode("utf-8", "surrogateescape")
 
 
 def _drainable(request: Request) -> bool:

@@ -25,8 +25,8 @@ from aiohttp import web
 from aiohttp.test_utils import RawTestServer
 
 from broker import http1
+from broker.flow import HIGH_WATER
 from broker.http1 import (
-    HIGH_WATER,
     MAX_HEAD,
     InvalidHeader,
     Pool,
@@ -840,7 +840,7 @@ class TestBodies:
                 # stopped reading (or the body has ended).
                 while not conn._reading_paused and not response._done:
                     await conn.wait()
-                    peak = max(peak, response._buffered)
+                    peak = max(peak, response._chunks.size)
                 pauses += conn._reading_paused
             assert b"".join(pieces) == body
             assert peak <= HIGH_WATER + MAX_READ

@@ -26,8 +26,8 @@ import orjson
 import pytest
 
 from broker import server as server_module
+from broker.flow import HIGH_WATER
 from broker.server import (
-    HIGH_WATER,
     MAX_FIELD_SIZE,
     MAX_HEADERS,
     MAX_LINE_SIZE,
@@ -423,7 +423,7 @@ class TestRequestBody:
 
         def recording_feed(self: BodyReader, chunk: bytes) -> None:
             feed(self, chunk)
-            buffered.append(self._size)
+            buffered.append(self._chunks.size)
             if not self._conn.transport.is_reading():  # type: ignore[union-attr]
                 paused.set()
 
