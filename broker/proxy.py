@@ -216,13 +216,8 @@ class Proxy:
                 finally:
                     connector.inflight -= 1
             except ProxyError as exc:
-                if request.started:
-                    raise  # the answer's head is out: the connection is closed instead
                 if exc.connector is None and connector is not None:
                     exc.connector = connector.name
-                response = error_answer(exc)
-                response.headers.append((REQUEST_ID, request_id))
-                status = response.status
                 log.info(
                     "broker_error",
                     code=exc.code,
@@ -230,6 +225,13 @@ class Proxy:
                     connector=exc.connector,
                     request_id=request_id,
                 )
+                if request.started:
+                    # The answer's head is out (the ERP broke off its body): the app learns
+                    # of it by the connection closing, which the listener does quietly.
+                    raise ConnectionAbortedError(exc.message) from None
+                response = error_answer(exc)
+                response.headers.append((REQUEST_ID, request_id))
+                status = response.status
             return response
         finally:
             self.inflight -= 1
@@ -362,7 +364,8 @@ class Proxy:
             raise UpstreamUnreachable(str(exc), connector=connector.name) from None
         except (UpstreamError, OSError) as exc:
             raise UpstreamUnreachable(
-                f"cannot reach {connector.host}: {exc}", connector=connector.name
+                f"cannot reach {connector.host}: {exc or type(exc).__name__}",
+                connector=connector.name,
             ) from None
         finally:
             connector.series.upstream_duration.observe(time.perf_counter() - started)
@@ -373,42 +376,36 @@ class Proxy:
     ) -> Response | None:
         status = upstream.status
         length = upstream.content_length
-        if (
+        headers = _without(upstream.headers, _RESPONSE_DROP_WITH_ID)
+        headers.append((REQUEST_ID, request_id))
+        small = (
             length is not None
             and length <= SMALL_BODY
             and status >= 200
             and status not in _BODILESS_STATUSES
             and request.method != "HEAD"
-        ):
-            # A small body of known length: read it whole and answer in one write. The
-            # headers (the upstream Content-Length and Content-Encoding among them) go out
-            # as they came.
-            try:
-                data = await upstream.read()
-            except TimeoutError:
-                upstream.close()
-                raise UpstreamTimeout("the ERP stopped sending its response") from None
-            except UpstreamError as exc:
-                upstream.close()
-                raise UpstreamUnreachable(f"the ERP broke off its response: {exc}") from None
-            except BaseException:
-                upstream.close()
-                raise
-            upstream.release()
-            headers = _without(upstream.headers, _RESPONSE_DROP_WITH_ID)
-            headers.append((REQUEST_ID, request_id))
-            return Response(status, headers, data, upstream.reason)
-        headers = _without(upstream.headers, _RESPONSE_DROP_WITH_ID)
-        headers.append((REQUEST_ID, request_id))
+        )
         try:
-            # The length as the ERP announced it; without one (chunked, or until the ERP
-            # closed) the body is chunked to the app.
-            chunked = request.start(status, upstream.reason, headers, length=length)
-            async for chunk in upstream.iter_any():
-                await request.write(chunk, chunked)
-            request.write_eof(chunked)
+            if small:
+                # A small body of known length: read whole and answered in one write. The
+                # headers (the ERP's Content-Length and Content-Encoding among them) go out
+                # as they came.
+                data = await upstream.read()
+            else:
+                # The length as the ERP announced it; without one (chunked, or until the ERP
+                # closed) the body is chunked to the app.
+                chunked = request.start(status, upstream.reason, headers, length=length)
+                async for chunk in upstream.iter_any():
+                    await request.write(chunk, chunked)
+                request.write_eof(chunked)
+        except TimeoutError:  # the ERP's (UpstreamReadTimeout); the app's are ConnectionErrors
+            upstream.close()
+            raise UpstreamTimeout("the ERP stopped sending its response") from None
+        except UpstreamError as exc:
+            upstream.close()
+            raise UpstreamUnreachable(f"the ERP broke off its response: {exc}") from None
         except BaseException:
             upstream.close()  # a half-read body cannot go back to the pool
             raise
         upstream.release()
-        return None
+        return Response(status, headers, data, upstream.reason) if small else None

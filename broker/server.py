@@ -444,6 +444,11 @@ class _Connection(Reading, asyncio.Protocol):
                     response = await handler(request)
                 except asyncio.CancelledError:
                     raise
+                except ConnectionError:
+                    # The client went away, or the handler gave up on an answer already
+                    # started: closing the connection is all that is left (nothing to log).
+                    self.close()
+                    return
                 except _Refused as refused:  # the parser refused the body the handler read
                     if request.started:
                         self.close()

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import structlog
+import structlog.testing
 import yaml
 
 from broker.app import Broker, BrokerServer
@@ -200,6 +202,34 @@ class TestDisconnects:
         pool = broker.broker.connectors["ifs"].pool
         # The half-read upstream connection was closed, not returned to the pool.
         assert pool.idle_connections == 0 and pool.open_connections == 0
+
+
+class TestBrokenAnswers:
+    async def test_small_answer_broken_off_is_a_502(self, broker: BrokerServer, http: aiohttp.ClientSession) -> None:
+        """An ERP that dies in the middle of a small answer: a JSON 502, the broker serves on."""
+        async with http.get(f"{broker.proxy_url}/ifs/_test/broken/1000") as resp:
+            assert resp.status == 502
+            assert resp.headers["X-Broker-Error"] == "upstream_unreachable"
+            assert "broke off" in (await resp.json())["error"]["message"]
+        async with http.get(f"{broker.proxy_url}/ifs/_test/echo/x") as resp:
+            assert resp.status == 200
+
+    async def test_streamed_answer_broken_off_closes_the_connection(self, broker: BrokerServer, http: aiohttp.ClientSession) -> None:
+        """Once the head is out, the app learns of a broken-off body by the connection closing
+        before the announced length; logged as a broker error, not as a broker failure."""
+        with structlog.testing.capture_logs() as logs:
+            async with http.get(f"{broker.proxy_url}/ifs/_test/broken/{4 * 1024 * 1024}") as resp:
+                assert resp.status == 200 and resp.content_length == 4 * 1024 * 1024
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await resp.read()
+            proxy = broker.broker.proxy
+            assert proxy is not None
+            async with asyncio.timeout(3):
+                await proxy.idle.wait()
+        events = [line["event"] for line in logs]
+        assert "broker_error" in events and "handler_failed" not in events
+        async with http.get(f"{broker.proxy_url}/ifs/_test/echo/x") as resp:
+            assert resp.status == 200
 
 
 class TestRotatedSecret:

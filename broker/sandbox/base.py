@@ -31,6 +31,7 @@ Test routes, behind the simulator's own credential check, under every prefix in
                                      X-Compressed-SHA256
     GET      /_test/bytes/{n}        n bytes of :func:`pattern_chunks`, with Content-Length
     GET      /_test/chunked/{n}      the same, chunked transfer encoding
+    GET      /_test/broken/{n}       Content-Length n, then half of it and the connection closed
     POST|PUT /_test/upload           {"length", "sha256"} of the body, hashed as it streams
     GET      /_test/cookies          two Set-Cookie headers
     GET      /_test/redirect         302, Location: /elsewhere
@@ -384,6 +385,7 @@ class Simulator(abc.ABC):
             router.add_route("GET", base + "/gzip", self.api_route(self._gzip))
             router.add_route("GET", base + "/bytes/{n}", self.api_route(self._bytes))
             router.add_route("GET", base + "/chunked/{n}", self.api_route(self._bytes))
+            router.add_route("GET", base + "/broken/{n}", self.api_route(self._bytes))
             for method in ("POST", "PUT"):
                 router.add_route(method, base + "/upload", self.api_route(self._upload))
             router.add_route("GET", base + "/cookies", self.api_route(self._cookies))
@@ -780,6 +782,12 @@ class Simulator(abc.ABC):
         else:
             response.content_length = n
         await response.prepare(request)
+        if "/broken/" in request.path:
+            # An ERP that dies mid-answer: half the announced body, then the connection goes.
+            await response.write(b"".join(pattern_chunks(n))[: n // 2])
+            assert request.transport is not None
+            request.transport.close()
+            return response
         for chunk in pattern_chunks(n):
             await response.write(chunk)
         await response.write_eof()
