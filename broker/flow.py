@@ -1,6 +1,7 @@
-"""Flow control shared by the proxy's two HTTP/1.1 halves (:mod:`broker.server` towards the
-app, :mod:`broker.http1` towards the ERPs): body pieces wait in a :class:`Chunks` queue for
-their reader, and reading from the peer pauses while more than :data:`HIGH_WATER` bytes wait.
+"""What the proxy's two HTTP/1.1 halves (:mod:`broker.server` towards the app,
+:mod:`broker.http1` towards the ERPs) share: which answers carry a body, and flow control
+(body pieces wait in a :class:`Chunks` queue for their reader, and reading from the peer
+pauses while more than :data:`HIGH_WATER` bytes wait).
 """
 
 from __future__ import annotations
@@ -13,6 +14,12 @@ HIGH_WATER = 256 * 1024
 
 #: A piece of a body: the bytes read, or a view of them (no copy).
 Chunk = bytes | memoryview
+
+
+def answer_has_body(method: str, status: int) -> bool:
+    """Whether an answer carries a body (RFC 9112, 6.3): never to HEAD, never 1xx, 204, 304,
+    whatever its headers announce."""
+    return method != "HEAD" and status >= 200 and status not in (204, 304)
 
 
 class Reading:

@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Iterable
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .flow import Chunk, Chunks, Reading
+from .flow import Chunk, Chunks, Reading, answer_has_body
 
 #: Idle connections older than this are closed rather than reused (aiohttp's default).
 KEEPALIVE_TIMEOUT = 15.0
@@ -636,12 +636,10 @@ class _Connection(Reading, asyncio.Protocol):
             return  # 100 Continue, 103 Early Hints: the answer is still to come
         headers = CIMultiDictProxy(CIMultiDict(self._headers))
         head_only = self._method == "HEAD"
-        until_eof = (
-            not head_only
-            and status not in (204, 304)
-            and "Content-Length" not in headers
-            and "chunked" not in headers.get("Transfer-Encoding", "").lower()
-        )
+        # The body's framing, decided once: none, chunked, a length, or until the ERP closes.
+        has_body = answer_has_body(self._method, status)
+        chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
+        until_eof = has_body and not chunked and "Content-Length" not in headers
         self.response = Response(
             self,
             status,
@@ -651,9 +649,8 @@ class _Connection(Reading, asyncio.Protocol):
             keep_alive=self.parser.should_keep_alive() and not head_only,
             until_eof=until_eof,
         )
-        if not head_only and status not in (204, 304) and not until_eof:
-            if "chunked" not in headers.get("Transfer-Encoding", "").lower():
-                self.response._remaining = self.response.content_length
+        if has_body and not chunked:
+            self.response._remaining = self.response.content_length  # None: until_eof
         if head_only:
             self.response._done = True
         self._wake()

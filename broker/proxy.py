@@ -27,6 +27,7 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from .flow import answer_has_body
 from .http1 import InvalidHeader, UpstreamError
 from .http1 import Response as Upstream
 from .logs import info_line
@@ -57,8 +58,6 @@ _RESPONSE_DROP = HOP_BY_HOP
 _RESPONSE_DROP_WITH_ID = _RESPONSE_DROP | {"x-request-id"}
 #: Responses with a Content-Length up to this are read whole and sent in one write.
 SMALL_BODY = 64 * 1024
-#: Statuses that never carry a body (1xx are excluded separately).
-_BODILESS_STATUSES = frozenset({204, 304})
 REQUEST_ID = "X-Request-ID"
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
@@ -379,11 +378,7 @@ class Proxy:
         headers = _without(upstream.headers, _RESPONSE_DROP_WITH_ID)
         headers.append((REQUEST_ID, request_id))
         small = (
-            length is not None
-            and length <= SMALL_BODY
-            and status >= 200
-            and status not in _BODILESS_STATUSES
-            and request.method != "HEAD"
+            length is not None and length <= SMALL_BODY and answer_has_body(request.method, status)
         )
         try:
             if small:

@@ -37,7 +37,7 @@ import structlog
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .errors import ProxyError, error_payload
-from .flow import HIGH_WATER, Chunks, Reading
+from .flow import HIGH_WATER, Chunks, Reading, answer_has_body
 
 log = structlog.get_logger("broker.listener")
 
@@ -236,8 +236,7 @@ class Request:
         self.started = True
         conn = self._conn
         chunked = False
-        no_body = self.method == "HEAD" or status in (204, 304) or status < 200
-        if length is None and not no_body:
+        if length is None and answer_has_body(self.method, status):
             if self.version == "1.1":
                 headers.append(("Transfer-Encoding", "chunked"))
                 chunked = True
@@ -496,12 +495,11 @@ class _Connection(Reading, asyncio.Protocol):
 
     def _answer(self, request: Request, response: Response) -> None:
         headers = response.headers
-        body = response.body
-        if request.method == "HEAD" or response.status in (204, 304):
-            body = b""
-        if not any(name.lower() == "content-length" for name, _ in headers):
-            if request.method != "HEAD" and response.status not in (204, 304):
-                headers.append(("Content-Length", str(len(response.body))))
+        body = b""
+        if answer_has_body(request.method, response.status):
+            body = response.body
+            if not any(name.lower() == "content-length" for name, _ in headers):
+                headers.append(("Content-Length", str(len(body))))
         head = self.head(request, response.status, response.reason, headers)
         if body and len(body) <= 16 * 1024:
             self.write(head + body)
