@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import socket
 import time
 from typing import Any
 
@@ -214,9 +213,9 @@ async def _listen(runner: web.BaseRunner, host: str, port: int, key: str) -> int
         await site.start()
     except OSError as exc:
         raise BrokerError(f"{key}: cannot listen on {host}:{port}: {exc.strerror}") from None
-    server = site._server  # aiohttp keeps the asyncio server here; we need the bound port
-    sockets: list[socket.socket] = list(getattr(server, "sockets", None) or [])
-    return int(sockets[0].getsockname()[1]) if sockets else port
+    # The runner serves this one site: its first address is the bound one (port 0 resolved).
+    addresses = runner.addresses
+    return int(addresses[0][1]) if addresses else port
 
 
 #: Allocations between young-generation collections (CPython's default is 700).

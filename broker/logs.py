@@ -173,8 +173,6 @@ class LineWriter:
 
 #: (processors, logger) as configure_logging set them up, while info lines are emitted.
 _direct: tuple[list[Any], Any] | None = None
-#: structlog's global configuration, to see whether anyone reconfigured it since.
-_STRUCTLOG_CONFIG = getattr(getattr(structlog, "_config", None), "_CONFIG", None)
 
 
 def info_line(fallback: Any, event: str, fields: dict[str, Any]) -> None:
@@ -186,7 +184,8 @@ def info_line(fallback: Any, event: str, fields: dict[str, Any]) -> None:
     or not by :func:`configure_logging` at all, the line goes through ``fallback``.
     """
     direct = _direct
-    if direct is None or getattr(_STRUCTLOG_CONFIG, "default_processors", None) is not direct[0]:
+    # structlog's public view of its configuration (0.7 µs; its private _CONFIG saved that).
+    if direct is None or structlog.get_config()["processors"] is not direct[0]:
         fallback.info(event, **fields)
         return
     processors, logger = direct
