@@ -147,12 +147,27 @@ class TestSimulatorRecords:
         await waiter
         assert len(pso.api_requests) == 2
 
-    async def test_wait_for_token_requests_filters_by_grant(self, ion: InforIonSim, login) -> None:
-        """wait_for_token_requests(n, grant=...) counts only that grant."""
+    async def test_wait_for_token_requests_filters_by_grant(
+        self, ion: InforIonSim, http: aiohttp.ClientSession, ion_form: dict[str, str]
+    ) -> None:
+        """wait_for_token_requests(n, grant=...) counts only that grant: refresh grants do not
+        satisfy a wait for password grants, and the wait ends at the n-th password grant."""
+        url = f"{ion.url}/{ion.tenant}/as/token.oauth2"
         waiter = asyncio.create_task(ion.wait_for_token_requests(2, grant="password"))
-        await login(ion)
-        await login(ion)
-        await waiter
+        async with http.post(url, data=ion_form) as response:
+            refresh = (await response.json())["refresh_token"]
+        for _ in range(2):  # two refresh grants: four token requests in all, one of them password
+            form = ion_form | {"grant_type": "refresh_token", "refresh_token": refresh}
+            async with http.post(url, data=form) as response:
+                assert response.status == 200
+                refresh = (await response.json())["refresh_token"]
+        await ion.wait_for_token_requests(3)  # every request so far was recorded ...
+        assert not waiter.done()  # ... and the refresh grants did not count as password grants
+        async with http.post(url, data=ion_form) as response:
+            assert response.status == 200
+        await asyncio.wait_for(waiter, 5)
+        assert ion.count_token_requests("password") == 2
+        assert ion.count_token_requests("refresh_token") == 2
 
     async def test_wait_times_out_with_a_clear_message(self, pso: PsoSim) -> None:
         """A wait that is not satisfied raises TimeoutError naming what it waited for."""
