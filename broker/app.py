@@ -18,6 +18,7 @@ from aiohttp import web
 
 from .config import Config
 from .errors import BrokerError
+from .memory import give_back_memory
 from .metrics import Metrics
 from .proxy import Proxy
 from .reload import watch_credentials
@@ -243,10 +244,13 @@ async def run_until_stopped(config: Config, stop: asyncio.Event) -> None:
     await server.start()
     waiter = asyncio.ensure_future(stop.wait())
     quit_ = asyncio.ensure_future(server.broker.shutdown_requested.wait())
+    proxy = server.broker.proxy
+    trimmer = asyncio.ensure_future(give_back_memory(lambda: proxy is None or proxy.inflight == 0))
     try:
         await asyncio.wait({waiter, quit_}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         waiter.cancel()
         quit_.cancel()
+        trimmer.cancel()
         log.info("shutdown", grace_period=config.grace_period)
         await server.stop(revoke=True)
