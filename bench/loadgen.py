@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
+import ssl
 import sys
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
@@ -95,12 +97,24 @@ def _complete(buf: bytearray) -> tuple[int, int] | None:
     return (status, length) if len(buf) >= body + length else None
 
 
+#: TLS to the target (an ``https`` URL, verified against ``--ca-file``); None for plain HTTP.
+_TLS: ssl.SSLContext | None = None
+
+
+def _open(loop: asyncio.AbstractEventLoop, host: str, port: int) -> Any:
+    """One new connection, over TLS when the URL says https."""
+    if _TLS is None:
+        return loop.create_connection(_Conn, host, port)
+    return loop.create_connection(_Conn, host, port, ssl=_TLS, server_hostname=host)
+
+
 def _request_bytes(url: str, headers: list[str]) -> tuple[str, int, bytes]:
     parts = urlsplit(url)
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    default = 443 if parts.scheme == "https" else 80
+    host, port = parts.hostname or "127.0.0.1", parts.port or default
     lines = [f"GET {target} HTTP/1.1", f"Host: {host}:{port}", *headers, "", ""]
     return host, port, "\r\n".join(lines).encode("latin-1")
 
@@ -111,9 +125,7 @@ async def _connect(host: str, port: int, n: int, *, batch: int = 100) -> list[_C
     conns: list[_Conn] = []
     while len(conns) < n:
         step = min(batch, n - len(conns))
-        made = await asyncio.gather(
-            *(loop.create_connection(_Conn, host, port) for _ in range(step))
-        )
+        made = await asyncio.gather(*(_open(loop, host, port) for _ in range(step)))
         conns.extend(protocol for _, protocol in made)
     return conns
 
@@ -176,7 +188,7 @@ async def run_rate(url: str, rate: float, duration: float, headers: list[str], c
         if delay > 0:
             await asyncio.sleep(delay)
         if free.empty() and len(pool) < 4 * conns:
-            _, extra = await loop.create_connection(_Conn, host, port)
+            _, extra = await _open(loop, host, port)
             pool.append(extra)
             free.put_nowait(extra)
         conn = await free.get()
@@ -264,7 +276,7 @@ _WANT_SAMPLES = False
 
 
 def main(argv: list[str] | None = None) -> int:
-    global _WANT_SAMPLES
+    global _WANT_SAMPLES, _TLS
     parser = argparse.ArgumentParser(prog="python -m bench.loadgen")
     parser.add_argument("mode", choices=["rate", "burst"])
     parser.add_argument("url")
@@ -276,8 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", action="store_true", help="include per-request samples")
     parser.add_argument("--then-post", help="burst: POST to this URL once every request is sent")
     parser.add_argument("-H", "--header", action="append", default=[])
+    parser.add_argument("--ca-file", help="https URLs: the CA that signed the target's certificate")
     args = parser.parse_args(argv)
     _WANT_SAMPLES = args.samples
+    if args.url.startswith("https:"):
+        _TLS = ssl.create_default_context(cafile=args.ca_file)
     if args.duration > 600 or args.count > 20000:
         parser.error("bounded: --duration at most 600 s, --count at most 20000")
     if args.mode == "rate":

@@ -4,10 +4,14 @@ One ClientSession, the body streamed both ways, one header injected, hop-by-hop 
 dropped. No routing, metrics, logs, retries or token handling: what erp-broker must beat.
 
     python -m bench.minimal_proxy --port 8081 --upstream http://127.0.0.1:8000 --auth 'Bearer x'
+
+With ``--ca-file`` it verifies an HTTPS upstream against that CA (aiohttp reuses TLS sessions
+and keeps connections alive on its own).
 """
 
 import argparse
 import asyncio
+import ssl
 
 import aiohttp
 import uvloop
@@ -26,9 +30,11 @@ HOP_BY_HOP = {
 }
 
 
-async def serve(port: int, upstream: str, auth: str) -> None:
+async def serve(port: int, upstream: str, auth: str, ca_file: str | None = None) -> None:
+    context = ssl.create_default_context(cafile=ca_file) if ca_file else None
     session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=256), auto_decompress=False
+        connector=aiohttp.TCPConnector(limit=256, ssl=context if context else True),
+        auto_decompress=False,
     )
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
@@ -64,5 +70,6 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--auth", required=True)
+    parser.add_argument("--ca-file")
     args = parser.parse_args()
-    uvloop.run(serve(args.port, args.upstream.rstrip("/"), args.auth))
+    uvloop.run(serve(args.port, args.upstream.rstrip("/"), args.auth, args.ca_file))
