@@ -139,7 +139,7 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what:
 
 
 async def lock_keys(client: redis.asyncio.Redis) -> list[bytes]:
-    return [key async for key in client.scan_iter(match="erp-broker:lock:*")]
+    return [key async for key in client.scan_iter(match="erp-broker:{*}:lock:*")]
 
 
 class Traffic:
@@ -332,7 +332,7 @@ class TestSharedRateLimit:
         assert await spread(http, [s.proxy_url for s in fleet], 3) == [200] * 3
         ifs_sim.queue_api_response(429, headers={"Retry-After": "2"}, body="slow down")
         first = asyncio.create_task(status_of(http, fleet[0].proxy_url, "/ifs/_test/echo/limited"))
-        await eventually(lambda: inspect.exists("erp-broker:window:ifs"), 5, "the window reaches Redis")
+        await eventually(lambda: inspect.exists("erp-broker:{ifs}:window:ifs"), 5, "the window reaches Redis")
 
         async def pushed_to_all() -> bool:
             return all([await s.broker.coordinator.wait_window("ifs") > 0 for s in fleet])
@@ -474,8 +474,8 @@ class TestTokensAtRest:
         assert await status_of(http, server.proxy_url, "/ifs/_test/echo/x") == 200
         token = server.broker.connectors["ifs"].tokens.current
         assert token is not None and token.refresh
-        [name] = [k async for k in inspect.scan_iter(match="erp-broker:token:*")]
-        assert name.decode().startswith("erp-broker:token:ifs:")
+        [name] = [k async for k in inspect.scan_iter(match="erp-broker:{*}:token:*")]
+        assert name.decode().startswith("erp-broker:{ifs}:token:ifs:")
         raw = await inspect.get(name)
         assert raw.startswith(b"EB1")
         for secret in (token.access, token.refresh, *token.access.split(".")):
