@@ -222,7 +222,7 @@ class TestColdStart:
             workdir.mkdir()
         procs = [BrokerProcess(config, workdir) for workdir in workdirs]
         try:
-            await asyncio.gather(*(p.start() for p in procs))
+            await asyncio.gather(*(p.start(timeout=45) for p in procs))
             statuses = await spread(http, [p.proxy_url for p in procs], 60)
             assert statuses == [200] * 60
             assert ifs_sim.count_token_requests() == 1
