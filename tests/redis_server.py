@@ -10,8 +10,8 @@ import socket
 import ssl
 import subprocess
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

@@ -1,6 +1,10 @@
 """Fleets on highly available Redis: Sentinel (a primary, a replica, three sentinels) and a
 three-node Cluster, all real processes on loopback."""
 
+# The fixtures imported from test_redis are parameters of the tests below (that is how pytest
+# uses them), which flake8's F811 reads as redefinitions.
+# ruff: noqa: F811
+
 from __future__ import annotations
 
 import asyncio
@@ -124,7 +128,11 @@ async def _new_token(tokens: Any) -> Any:
 
 class TestSentinel:
     async def test_failover_right_after_a_rotation_loses_no_token(
-        self, rotating_sim: IfsApps10Sim, ca_file: str, sentinels: SentinelGroup, tmp_path: Path,
+        self,
+        rotating_sim: IfsApps10Sim,
+        ca_file: str,
+        sentinels: SentinelGroup,
+        tmp_path: Path,
         http: aiohttp.ClientSession,
     ) -> None:
         """Two `erp-broker run` processes on Sentinel: a cold-start burst logs in once; a refresh rotates the
@@ -156,8 +164,12 @@ class TestSentinel:
             # With no primary, every replica serves with the token it holds.
             assert await spread(http, bases, 30) == [200] * 30
             await asyncio.to_thread(sentinels.wait_promoted, 20)
-            for proc in procs:
-                await eventually(lambda: _store_up(http, proc.admin_url), 15, "the replica follows the new primary")
+            for admin in [p.admin_url for p in procs]:
+                await eventually(
+                    lambda admin=admin: _store_up(http, admin),
+                    15,
+                    "the replica follows the new primary",
+                )
             recovered = time.monotonic() - killed
             assert await spread(http, bases, 30) == [200] * 30
 
@@ -177,14 +189,21 @@ class TestSentinel:
         assert recovered < 20
 
     async def test_a_saved_token_waits_for_a_replica(
-        self, rotating_sim: IfsApps10Sim, ca_file: str, sentinels: SentinelGroup, make_broker: BrokerFactory,
+        self,
+        rotating_sim: IfsApps10Sim,
+        ca_file: str,
+        sentinels: SentinelGroup,
+        make_broker: BrokerFactory,
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         """The refresh is not done before the replica acknowledged the new token (WAIT 1); a replica that does
         not answer in time delays it at most half the store timeout, and is logged and counted."""
         logs = LogRecorder()
         monkeypatch.setattr(single.redis_store, "log", logs)
-        server = await make_broker({"ifs": ifs_connector(rotating_sim, ca_file)}, store=fleet_store(sentinels.url, timeout=2.0))
+        server = await make_broker(
+            {"ifs": ifs_connector(rotating_sim, ca_file)},
+            store=fleet_store(sentinels.url, timeout=2.0),
+        )
         await server.broker.wait_ready(5)
         tokens = server.broker.connectors["ifs"].tokens
         primary = redis.asyncio.Redis(port=sentinels.primary.port)
@@ -204,7 +223,10 @@ class TestSentinel:
             token = await asyncio.wait_for(refresh, 5)
             stored = [k async for k in replica.scan_iter(match="erp-broker:{ifs}:token:*")]
             assert len(stored) == 1
-            assert metric(server, "erp_broker_store_replication_unacknowledged_total", connector="ifs") == 0
+            assert (
+                metric(server, "erp_broker_store_replication_unacknowledged_total", connector="ifs")
+                == 0
+            )
 
             sentinels.replica.pause()
             try:
@@ -216,9 +238,13 @@ class TestSentinel:
         finally:
             await primary.aclose()
             await replica.aclose()
-        assert newer is not token and tokens.current is newer  # used anyway: a lost token beats an outage
+        # Used anyway: a lost token beats an outage.
+        assert newer is not token and tokens.current is newer
         assert 0.9 <= waited < 2.5
-        assert metric(server, "erp_broker_store_replication_unacknowledged_total", connector="ifs") == 1
+        assert (
+            metric(server, "erp_broker_store_replication_unacknowledged_total", connector="ifs")
+            == 1
+        )
         [event] = logs.events("store_replication_unacknowledged")
         assert event["connector"] == "ifs"
 
@@ -262,11 +288,19 @@ class TestClusterSharedRateLimit(OnCluster, single.TestSharedRateLimit):
 
 class TestClusterKeys(OnCluster):
     async def test_every_key_of_a_connector_in_one_slot(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, redis_url: str, cluster: ClusterGroup, inspect: Any,
-        make_broker: BrokerFactory, http: aiohttp.ClientSession,
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        redis_url: str,
+        cluster: ClusterGroup,
+        inspect: Any,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """Token, lock (taken and released), window and budget of one connector share a hash slot."""
-        connector = ifs_connector(ifs_sim, ca_file, rate_limit={"requests": 100, "per_seconds": 1.0})
+        connector = ifs_connector(
+            ifs_sim, ca_file, rate_limit={"requests": 100, "per_seconds": 1.0}
+        )
         server = await make_broker({"ifs": connector}, store=fleet_store(redis_url))
         ifs_sim.queue_api_response(429, headers={"Retry-After": "1"}, body="slow down")
         assert await spread(http, [server.proxy_url], 2) == [200] * 2
