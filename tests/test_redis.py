@@ -535,3 +535,19 @@ class TestTlsAndPassword:
         """rediss:// to a server whose CA is not given: the start fails and says how to give the CA."""
         with pytest.raises(StoreError, match="ssl_ca_certs"):
             await make_broker({"ifs": ifs_connector(ifs_sim, ca_file)}, store=fleet_store(tls_redis.url, redis_password=tls_redis.password))
+
+
+class TestUpgrade:
+    async def test_token_under_the_name_before_hash_tags_is_adopted(
+        self, ifs_sim: IfsApps10Sim, ca_file: str, redis_url: str, inspect: redis.asyncio.Redis,
+        make_broker: BrokerFactory,
+    ) -> None:
+        """A token stored by a release before hash tags (erp-broker:token:<key>) is read after an upgrade: no login."""
+        connector = ifs_connector(ifs_sim, ca_file)
+        first = await make_broker({"ifs": connector}, store=fleet_store(redis_url))
+        await first.broker.wait_ready(5)
+        [name] = [k async for k in inspect.scan_iter(match="erp-broker:{ifs}:token:*")]
+        await inspect.rename(name, name.replace(b"erp-broker:{ifs}:token:", b"erp-broker:token:"))
+        upgraded = await make_broker({"ifs": connector}, store=fleet_store(redis_url))
+        await upgraded.broker.connectors["ifs"].tokens.wait_usable(5)
+        assert ifs_sim.count_token_requests() == 1
