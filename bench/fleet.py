@@ -209,7 +209,7 @@ class Fleet:
             store: dict[str, Any] = (
                 {"sqlite": str(self.dir / f"{name}.db")}
                 if scenario.store == "sqlite"
-                else {"redis": self.store_url(scenario.store), "timeout": 1.0}
+                else {"redis": self.store_url(scenario.store)}
             )
             config = {
                 "listen": f"127.0.0.1:{port}",

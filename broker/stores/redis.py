@@ -87,6 +87,8 @@ LOCK_POLL = 0.25
 PROBE_INTERVAL = 0.5
 #: How often an idle replica checks that Redis still answers (requests need not touch it).
 HEARTBEAT = 5.0
+#: A Cluster client's first contact (topology discovery) may take this many store timeouts.
+CONNECT_TIMEOUTS = 3
 #: Tokens checked against the encryption key at start (there is one per connector).
 KEY_CHECK_LIMIT = 1000
 
@@ -331,7 +333,7 @@ class RedisStore:
             metrics=metrics,
         )
         try:
-            await store._call("ping", store._client.ping)
+            await store._connect()
             await store._check_key()
         except RedisRefused:
             await store.close()
@@ -431,7 +433,7 @@ class RedisStore:
         while not self._closed:
             await asyncio.sleep(PROBE_INTERVAL)
             try:
-                await self._call("ping", self._client.ping)
+                await self._connect()
                 await self._resync()
             except StoreUnavailable as exc:
                 self.last_error = str(exc)
@@ -465,10 +467,20 @@ class RedisStore:
 
     # -- calls ----------------------------------------------------------------------------
 
-    async def _call(self, op: str, command: Callable[[], Awaitable[T]]) -> T:
+    async def _connect(self) -> None:
+        """Reach Redis (at start and from the probe). A Cluster client first learns the
+        topology (a few round trips to several nodes): that gets a few store timeouts, so a
+        loaded machine does not keep the store down; then one PING within the store timeout."""
+        if isinstance(self._client, RedisCluster):
+            await self._call("connect", self._client.initialize, CONNECT_TIMEOUTS * self._timeout)
+        await self._call("ping", self._client.ping)
+
+    async def _call(
+        self, op: str, command: Callable[[], Awaitable[T]], timeout: float | None = None
+    ) -> T:
         """One Redis call within the store timeout; StoreUnavailable if Redis is not there."""
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(timeout or self._timeout):
                 return await command()
         except (redis_errors.AuthenticationError, redis_errors.AuthorizationError) as exc:
             raise RedisRefused(
