@@ -1,12 +1,16 @@
 """The fleet scenario: replicas of erp-broker sharing one Redis, against one service account.
 
-Measures, for 1 and 3 replicas on Redis (and, for contrast, 1 and 3 replicas each with a
+Measures, for 1 and 3 replicas on Redis, on Redis Sentinel (a primary, a replica, three
+sentinels), on a three-node Redis Cluster (and, for contrast, 1 and 3 replicas each with a
 SQLite store of its own):
 
 * token requests per rotation: short-lived tokens with rotating refresh tokens; a fleet on
   Redis should make one token request per expiry however many replicas it has;
 * refresh tokens the IdP rejected (a replica redeeming a superseded one): should be 0;
-* request throughput and latency through the replicas, round robin, with errors counted.
+* request throughput and latency through the replicas, round robin, with errors counted;
+* on Sentinel, a failover under load: the primary is killed (SIGKILL) and the time until the
+  sentinels promote the replica and until every replica uses the new primary is measured,
+  with the requests that failed meanwhile (should be 0: tokens are held in memory).
 
     python -m bench.fleet [--quick] [--write]
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import shutil
 import statistics
 import sys
@@ -58,7 +63,7 @@ class Settings:
 
 @dataclass(frozen=True)
 class Scenario:
-    store: str  # "redis" or "sqlite"
+    store: str  # "redis", "sentinel", "cluster" or "sqlite"
     replicas: int
 
     @property
@@ -70,6 +75,10 @@ SCENARIOS = (
     Scenario("sqlite", 1),
     Scenario("redis", 1),
     Scenario("redis", 3),
+    Scenario("sentinel", 1),
+    Scenario("sentinel", 3),
+    Scenario("cluster", 1),
+    Scenario("cluster", 3),
     Scenario("sqlite", 3),
 )
 
@@ -96,6 +105,8 @@ class Fleet:
         self.procs: list[Proc] = []
         self.redis_port = free_port()
         self.sim = ""
+        self.sentinels: Any = None
+        self.cluster: Any = None
 
     def spawn(self, name: str, argv: list[str], cpu: int) -> Proc:
         proc = Proc(name, argv, cpu, self.dir / f"{name}.log", cwd=ROOT)
@@ -124,6 +135,25 @@ class Fleet:
             LOAD_CPU,
         )
         wait_port(self.redis_port)
+        # The test suite's fixtures: loopback, free ports, short Sentinel timeouts
+        # (down-after-milliseconds 400, failover-timeout 2000).
+        from tests.redis_server import ClusterGroup, SentinelGroup
+
+        for sub in ("sentinel", "cluster"):
+            (self.dir / sub).mkdir(exist_ok=True)
+        self.sentinels = SentinelGroup(self.dir / "sentinel")
+        self.cluster = ClusterGroup(self.dir / "cluster")
+        self.sentinels.start()
+        self.cluster.start()
+        for server in [
+            self.sentinels.primary,
+            self.sentinels.replica,
+            *self.sentinels.sentinels,
+            *self.cluster.nodes,
+        ]:
+            assert server.process is not None
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(server.process.pid, {LOAD_CPU})
         sim = self.spawn(
             "sim",
             [sys.executable, "-m", "bench.fleet", "sim", "--lifetime", str(self.s.lifetime)],
@@ -141,6 +171,9 @@ class Fleet:
         for proc in reversed(self.procs):
             with contextlib.suppress(Exception):
                 proc.stop()
+        for group in (self.sentinels, self.cluster):
+            if group is not None:
+                group.kill()
 
     def token_requests(self) -> list[dict[str, Any]]:
         status, body = http_get(f"{self.sim}/_bench/token-times")
@@ -148,11 +181,22 @@ class Fleet:
         requests: list[dict[str, Any]] = orjson.loads(body)["token_requests"]
         return requests
 
-    def flush_redis(self) -> None:
+    def flush_redis(self, store: str) -> None:
         import redis
 
-        with redis.Redis(port=self.redis_port) as client:
+        if store == "cluster":
+            self.cluster.flush()
+            return
+        port = self.sentinels.primary_port() if store == "sentinel" else self.redis_port
+        with redis.Redis(port=port) as client:
             client.flushall()
+
+    def store_url(self, store: str) -> str:
+        if store == "sentinel":
+            return str(self.sentinels.url)
+        if store == "cluster":
+            return str(self.cluster.url)
+        return f"redis://127.0.0.1:{self.redis_port}/0"
 
     def start_replicas(self, scenario: Scenario) -> list[tuple[Proc, int, int]]:
         """Start the replicas, wait until each is ready; (process, port, admin port) each."""
@@ -163,9 +207,9 @@ class Fleet:
             port, admin = free_port(), free_port()
             name = f"{scenario.store}{scenario.replicas}-{i}"
             store: dict[str, Any] = (
-                {"redis": f"redis://127.0.0.1:{self.redis_port}/0"}
-                if scenario.store == "redis"
-                else {"sqlite": str(self.dir / f"{name}.db")}
+                {"sqlite": str(self.dir / f"{name}.db")}
+                if scenario.store == "sqlite"
+                else {"redis": self.store_url(scenario.store)}
             )
             config = {
                 "listen": f"127.0.0.1:{port}",
@@ -193,8 +237,8 @@ class Fleet:
         return replicas
 
     def run(self, scenario: Scenario) -> dict[str, Any]:
-        if scenario.store == "redis":
-            self.flush_redis()
+        if scenario.store != "sqlite":
+            self.flush_redis(scenario.store)
         before = len(self.token_requests())
         replicas = self.start_replicas(scenario)
         urls = [f"http://127.0.0.1:{port}/erp/_test/echo/fleet" for _, port, _ in replicas]
@@ -219,7 +263,45 @@ class Fleet:
         }
 
 
-def _wait_ready(proc: Proc, admin: int, timeout: float = 20.0) -> None:
+    def failover(self) -> dict[str, Any]:
+        """Three replicas on Sentinel under load; SIGKILL the primary and time the recovery."""
+        self.flush_redis("sentinel")
+        replicas = self.start_replicas(Scenario("sentinel", 3))
+        urls = [f"http://127.0.0.1:{port}/erp/_test/echo/fleet" for _, port, _ in replicas]
+        admins = [admin for _, _, admin in replicas]
+        try:
+            return asyncio.run(self._failover(urls, admins))
+        finally:
+            for proc, _, _ in replicas:
+                proc.stop()
+                self.procs.remove(proc)
+
+    async def _failover(self, urls: list[str], admins: list[int]) -> dict[str, Any]:
+        duration = max(8.0, self.s.duration / 2)
+        traffic = asyncio.create_task(load(urls, self.s.connections, duration))
+        await asyncio.sleep(1.0)  # under load before the kill
+        self.sentinels.primary.kill()
+        killed = time.monotonic()
+        promoted = await asyncio.to_thread(self._promoted_after, killed)
+        pending = set(admins)
+        deadline = killed + 30
+        while pending and time.monotonic() < deadline:
+            for admin in list(pending):
+                with contextlib.suppress(OSError, ValueError):
+                    status, body = http_get(f"http://127.0.0.1:{admin}/readyz", timeout=1)
+                    if status == 200 and orjson.loads(body)["store"]["up"]:
+                        pending.discard(admin)
+            await asyncio.sleep(0.02)
+        recovered = time.monotonic() - killed if not pending else float("nan")
+        result = await traffic
+        return {**result, "promoted_s": promoted, "recovered_s": recovered}
+
+    def _promoted_after(self, killed: float) -> float:
+        self.sentinels.wait_promoted(30)
+        return time.monotonic() - killed
+
+
+def _wait_ready(proc: Proc, admin: int, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError):
@@ -291,6 +373,21 @@ def table(results: list[dict[str, Any]], s: Settings) -> str:
     return "\n".join(lines)
 
 
+def failover_table(r: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            "Failover under load (Sentinel, 3 replicas, `down-after-milliseconds` 400, "
+            "`failover-timeout` 2000): the primary is killed with SIGKILL.",
+            "",
+            "| sentinels promote the replica | every replica on the new primary | requests/s "
+            "(whole run) | p99 ms | failed requests |",
+            "|---:|---:|---:|---:|---:|",
+            f"| {r['promoted_s']:.1f} s | {r['recovered_s']:.1f} s | {r['rps']:.0f} | "
+            f"{r['p99_ms']:.1f} | {r['errors']} |",
+        ]
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fleet")
     parser.add_argument("mode", nargs="?", choices=["run", "sim"], default="run")
@@ -307,9 +404,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             fleet.start()
             results = [fleet.run(scenario) for scenario in SCENARIOS]
+            failover = fleet.failover()
         finally:
             fleet.stop()
-    body = table(results, settings)
+    body = table(results, settings) + "\n\n" + failover_table(failover)
     print(body)
     if args.write:
         from .runner import update_results

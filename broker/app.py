@@ -56,7 +56,7 @@ class Broker:
         self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        store = self._given_store or await open_store(self.config.store)
+        store = self._given_store or await open_store(self.config.store, self.metrics)
         self.store = store
         self.metrics.store_up.set_function(lambda: 1.0 if self.store_status()["up"] else 0.0)
         shared = getattr(store, "coordinator", None)

@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
+from .redis_url import check_redis_url
 from .secrets import MASK, Secret
 
 DEFAULT_CONFIG_PATH = "./config/broker.yaml"
@@ -367,9 +368,14 @@ class StoreConfig(_Model):
     def _check(self) -> StoreConfig:
         if self.sqlite and self.redis:
             raise ValueError("set either sqlite or redis, not both")
-        if self.redis and urlsplit(self.redis).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("redis must be a redis://, rediss:// or unix:// URL")
         return self
+
+    @field_validator("redis")
+    @classmethod
+    def _check_redis(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_redis_url(value)
+        return value
 
     @property
     def sqlite_path(self) -> str:

@@ -134,6 +134,12 @@ class Metrics:
             "1 while the token store answers, else 0.",
             registry=r,
         )
+        self.store_replication_unacknowledged = Counter(
+            "erp_broker_store_replication_unacknowledged_total",
+            "Tokens saved to a Redis primary that no replica acknowledged in time (WAIT).",
+            ["connector"],
+            registry=r,
+        )
 
 
 class ConnectorSeries:

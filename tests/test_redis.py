@@ -139,7 +139,7 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what:
 
 
 async def lock_keys(client: redis.asyncio.Redis) -> list[bytes]:
-    return [key async for key in client.scan_iter(match="erp-broker:lock:*")]
+    return [key async for key in client.scan_iter(match="erp-broker:{*}:lock:*")]
 
 
 class Traffic:
@@ -222,7 +222,7 @@ class TestColdStart:
             workdir.mkdir()
         procs = [BrokerProcess(config, workdir) for workdir in workdirs]
         try:
-            await asyncio.gather(*(p.start() for p in procs))
+            await asyncio.gather(*(p.start(timeout=45) for p in procs))
             statuses = await spread(http, [p.proxy_url for p in procs], 60)
             assert statuses == [200] * 60
             assert ifs_sim.count_token_requests() == 1
@@ -332,7 +332,7 @@ class TestSharedRateLimit:
         assert await spread(http, [s.proxy_url for s in fleet], 3) == [200] * 3
         ifs_sim.queue_api_response(429, headers={"Retry-After": "2"}, body="slow down")
         first = asyncio.create_task(status_of(http, fleet[0].proxy_url, "/ifs/_test/echo/limited"))
-        await eventually(lambda: inspect.exists("erp-broker:window:ifs"), 5, "the window reaches Redis")
+        await eventually(lambda: inspect.exists("erp-broker:{ifs}:window:ifs"), 5, "the window reaches Redis")
 
         async def pushed_to_all() -> bool:
             return all([await s.broker.coordinator.wait_window("ifs") > 0 for s in fleet])
@@ -474,8 +474,8 @@ class TestTokensAtRest:
         assert await status_of(http, server.proxy_url, "/ifs/_test/echo/x") == 200
         token = server.broker.connectors["ifs"].tokens.current
         assert token is not None and token.refresh
-        [name] = [k async for k in inspect.scan_iter(match="erp-broker:token:*")]
-        assert name.decode().startswith("erp-broker:token:ifs:")
+        [name] = [k async for k in inspect.scan_iter(match="erp-broker:{*}:token:*")]
+        assert name.decode().startswith("erp-broker:{ifs}:token:ifs:")
         raw = await inspect.get(name)
         assert raw.startswith(b"EB1")
         for secret in (token.access, token.refresh, *token.access.split(".")):
@@ -535,3 +535,19 @@ class TestTlsAndPassword:
         """rediss:// to a server whose CA is not given: the start fails and says how to give the CA."""
         with pytest.raises(StoreError, match="ssl_ca_certs"):
             await make_broker({"ifs": ifs_connector(ifs_sim, ca_file)}, store=fleet_store(tls_redis.url, redis_password=tls_redis.password))
+
+
+class TestUpgrade:
+    async def test_token_under_the_name_before_hash_tags_is_adopted(
+        self, ifs_sim: IfsApps10Sim, ca_file: str, redis_url: str, inspect: redis.asyncio.Redis,
+        make_broker: BrokerFactory,
+    ) -> None:
+        """A token stored by a release before hash tags (erp-broker:token:<key>) is read after an upgrade: no login."""
+        connector = ifs_connector(ifs_sim, ca_file)
+        first = await make_broker({"ifs": connector}, store=fleet_store(redis_url))
+        await first.broker.wait_ready(5)
+        [name] = [k async for k in inspect.scan_iter(match="erp-broker:{ifs}:token:*")]
+        await inspect.rename(name, name.replace(b"erp-broker:{ifs}:token:", b"erp-broker:token:"))
+        upgraded = await make_broker({"ifs": connector}, store=fleet_store(redis_url))
+        await upgraded.broker.connectors["ifs"].tokens.wait_usable(5)
+        assert ifs_sim.count_token_requests() == 1

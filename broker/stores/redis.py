@@ -1,14 +1,27 @@
 """Redis: the store a fleet of replicas shares, and the coordinator that makes it one client.
 
-Keys (``<key>`` is the manager's ``<connector>:<credential fingerprint>``)::
+Keys (``<key>`` is the manager's ``<connector>:<credential fingerprint>``; ``{<c>}`` is its
+connector, a hash tag: every key of one connector lives in one Cluster hash slot, so the
+scripts below, which touch the token and the lock together, run on Redis Cluster too)::
 
-    erp-broker:token:<key>      the token, sealed with the Codec (associated data = <key>)
-    erp-broker:blob:<key>       cached documents (discovered OpenAPI)
-    erp-broker:lock:<key>       the refresh lock: a lease (PX) whose value is a random fence
-    erp-broker:window:<name>    a Retry-After window: exists (PX) while the ERP said "wait"
-    erp-broker:budget:<name>    the rate_limit log: a sorted set of Redis-clock timestamps
-    erp-broker:events           pub/sub channel: a <key> whose token was saved or lock freed
-    erp-broker:windows          pub/sub channel: "<ms> <name>", a window just set or extended
+    erp-broker:{<c>}:token:<key>    the token, sealed with the Codec (associated data = <key>)
+    erp-broker:{<c>}:blob:<key>     cached documents (discovered OpenAPI)
+    erp-broker:{<c>}:lock:<key>     the refresh lock: a lease (PX) whose value is a random fence
+    erp-broker:{<c>}:window:<name>  a Retry-After window: exists (PX) while the ERP said "wait"
+    erp-broker:{<c>}:budget:<name>  the rate_limit log: a sorted set of Redis-clock timestamps
+    erp-broker:events               pub/sub channel: a <key> whose token was saved or lock freed
+    erp-broker:windows              pub/sub channel: "<ms> <name>", a window just set or extended
+
+Before the hash tags, tokens lived at ``erp-broker:token:<key>``: on a single server or a
+Sentinel primary (where such keys can exist) a token is read from both names and the newer
+one taken, so an upgrade never loses the fleet's (possibly rotated) refresh token.
+
+Sentinel and Cluster: redis-py's clients find the primary (``Sentinel.master_for``) or the
+node of a slot (``RedisCluster``). A token is saved with ``WAIT 1`` on the same connection
+when the primary has replicas, so a failover right after a rotation does not lose it; a
+replica that does not acknowledge in time is logged and counted, and the token used anyway.
+A failover looks like a short outage (below): the store follows the new primary when the
+probe reaches it.
 
 Single flight across the fleet: the replica that wins ``SET NX PX`` refreshes while a task
 renews its lease; the others wait for the release notification (or poll, bounded by the
@@ -39,15 +52,27 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import structlog
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
 from ..config import DEFAULT_LOCK_LEASE, StoreConfig, mask_url_password
 from ..crypto import Codec
 from ..errors import EncryptionKeyError, StoreError
+from ..redis_url import (
+    CLUSTER_SCHEMES,
+    SENTINEL_SCHEMES,
+    RedisTarget,
+    parse_ha_url,
+    scheme_of,
+)
 from ..secrets import register
 from ..tokens import LocalCoordinator, Token
 from ..types import Coordinator, TokenStore
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
 
 log = structlog.get_logger("broker.stores.redis")
 
@@ -62,11 +87,23 @@ LOCK_POLL = 0.25
 PROBE_INTERVAL = 0.5
 #: How often an idle replica checks that Redis still answers (requests need not touch it).
 HEARTBEAT = 5.0
+#: A Cluster client's first contact (topology discovery) may take this many store timeouts.
+CONNECT_TIMEOUTS = 3
 #: Tokens checked against the encryption key at start (there is one per connector).
 KEY_CHECK_LIMIT = 1000
 
-#: Errors that mean "Redis is not there" (as opposed to a bad command or a bad value).
-_UNAVAILABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError, TimeoutError)
+#: Errors that mean "Redis is not there" (as opposed to a bad command or a bad value): a
+#: Cluster that cannot serve the slot, a former primary now read-only, are that too.
+_UNAVAILABLE = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.ClusterError,
+    redis_errors.RedisClusterException,
+    redis_errors.ReadOnlyError,
+    redis_errors.TryAgainError,
+    OSError,
+    TimeoutError,
+)
 
 # SET NX PX; on failure the lock's remaining lease (ms, at least 1) so a waiter knows how long
 # a dead owner can hold it.
@@ -132,7 +169,22 @@ class RedisRefused(StoreUnavailable):
 
 
 def _key(kind: str, key: str) -> str:
+    """``erp-broker:{<connector>}:<kind>:<key>``: one hash slot per connector."""
+    return f"{PREFIX}:{{{key.split(':', 1)[0]}}}:{kind}:{key}"
+
+
+def _legacy_key(kind: str, key: str) -> str:
+    """The name before hash tags (read on a single server so an upgrade loses no token)."""
     return f"{PREFIX}:{kind}:{key}"
+
+
+def _pattern(kind: str) -> str:
+    return f"{PREFIX}:{{*}}:{kind}:*"
+
+
+def _key_in(name: str, kind: str) -> str:
+    """The ``<key>`` of a name made by :func:`_key`."""
+    return name.partition(f"}}:{kind}:")[2]
 
 
 def _certificate_rejected(exc: BaseException) -> bool:
@@ -152,19 +204,86 @@ def _bytes(value: bytes | str) -> bytes:
     return value.encode() if isinstance(value, str) else bytes(value)
 
 
+Client = Redis | RedisCluster
+
+
+class Connection:
+    """The client redis-py gives for a ``store.redis`` URL, with what else must be closed."""
+
+    def __init__(self, client: Client, mode: str, extra: tuple[Redis, ...] = ()) -> None:
+        self.client = client
+        self.mode = mode  # "single", "sentinel" or "cluster"
+        self.extra = extra
+
+    @classmethod
+    def from_config(cls, config: StoreConfig) -> Connection:
+        """Build (not connect) the client; ValueError/RedisError for a URL redis-py refuses."""
+        assert config.redis is not None
+        options: dict[str, Any] = {
+            "socket_timeout": config.timeout,
+            "socket_connect_timeout": config.timeout,
+            # One immediate retry replaces a pooled connection that died with a restarted
+            # server; anything longer is our own timeout's business.
+            "retry": Retry(NoBackoff(), 1),
+        }
+        password = None if config.redis_password is None else config.redis_password.get()
+        if scheme_of(config.redis) not in SENTINEL_SCHEMES + CLUSTER_SCHEMES:
+            if password is not None:
+                options["password"] = password
+            # Keeps the idle pub/sub connection alive through proxies and load balancers.
+            client = Redis.from_url(config.redis, health_check_interval=30, **options)
+            given = client.connection_pool.connection_kwargs.get("password")
+            if given:
+                register(str(given))
+            return cls(client, "single")
+        target = parse_ha_url(config.redis)
+        password = password if password is not None else target.password
+        if password:
+            register(password)
+            options["password"] = password
+        if target.username:
+            options["username"] = target.username
+        options.update(_tls_options(target))
+        if target.mode == "cluster":
+            nodes = [ClusterNode(host, port) for host, port in target.hosts]
+            return cls(RedisCluster(startup_nodes=nodes, **options), "cluster")
+        sentinel_options = {k: v for k, v in options.items() if k != "retry"}
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(target.hosts), sentinel_kwargs=sentinel_options, **options
+        )
+        client = sentinel.master_for(target.service, db=target.db, health_check_interval=30)
+        return cls(client, "sentinel", tuple(sentinel.sentinels))
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        for extra in self.extra:
+            await extra.aclose()
+
+
+def _tls_options(target: RedisTarget) -> dict[str, Any]:
+    if not target.tls:
+        return {}
+    return {"ssl": True, **dict(target.options)}
+
+
 class RedisStore:
     """Tokens in Redis, shared by every replica that uses the same credentials."""
 
     def __init__(
         self,
-        client: Redis,
+        connection: Connection,
         codec: Codec,
         *,
         url: str,
         timeout: float = 2.0,
         lock_lease: float = DEFAULT_LOCK_LEASE,
+        metrics: Metrics | None = None,
     ) -> None:
-        self._client = client
+        self._connection = connection
+        self._client: Client = connection.client
+        self._cluster = isinstance(connection.client, RedisCluster)
+        self._metrics = metrics
+        client = connection.client
         self._codec = codec
         self._timeout = timeout
         self.url = mask_url_password(url)
@@ -194,33 +313,27 @@ class RedisStore:
     # -- opening and closing --------------------------------------------------------------
 
     @classmethod
-    async def open(cls, config: StoreConfig, codec: Codec) -> RedisStore:
+    async def open(
+        cls, config: StoreConfig, codec: Codec, metrics: Metrics | None = None
+    ) -> RedisStore:
         """Connect and check the encryption key; an unreachable Redis starts the store down
         (the broker serves and logs in locally until Redis answers), bad credentials or a
         wrong key are startup errors."""
         assert config.redis is not None
-        options: dict[str, Any] = {
-            "socket_timeout": config.timeout,
-            "socket_connect_timeout": config.timeout,
-            # One immediate retry replaces a pooled connection that died with a restarted
-            # server; anything longer is our own timeout's business.
-            "retry": Retry(NoBackoff(), 1),
-            # Keeps the idle pub/sub connection alive through proxies and load balancers.
-            "health_check_interval": 30,
-        }
-        if config.redis_password is not None:
-            options["password"] = config.redis_password.get()
         try:
-            client: Redis = Redis.from_url(config.redis, **options)
-        except ValueError as exc:
+            connection = Connection.from_config(config)
+        except (ValueError, redis_errors.RedisError) as exc:
             raise StoreError(f"store.redis: {exc}") from None
-        if client.connection_pool.connection_kwargs.get("password"):
-            register(str(client.connection_pool.connection_kwargs["password"]))
         store = cls(
-            client, codec, url=config.redis, timeout=config.timeout, lock_lease=config.lock_lease
+            connection,
+            codec,
+            url=config.redis,
+            timeout=config.timeout,
+            lock_lease=config.lock_lease,
+            metrics=metrics,
         )
         try:
-            await store._call("ping", client.ping)
+            await store._connect()
             await store._check_key()
         except RedisRefused:
             await store.close()
@@ -237,21 +350,24 @@ class RedisStore:
                 message="tokens in Redis are not encrypted (set store.encryption_key)",
             )
         store._listener = asyncio.create_task(store._listen(), name="redis-events")
-        log.info("store_opened", store="redis", url=store.url, up=store._up)
+        log.info(
+            "store_opened", store="redis", mode=connection.mode, url=store.url, up=store._up
+        )
         return store
 
     async def _check_key(self) -> None:
         """Open the stored tokens: a different key is a startup error, as with SQLite."""
-        cursor, seen = 0, 0
-        prefix = _key("token", "")
-        while seen < KEY_CHECK_LIMIT:
-            page = partial(self._client.scan, cursor, match=prefix + "*", count=100)
-            cursor, names = await self._call("scan", page)
-            for name in names:
-                await self._read(_text(name).removeprefix(prefix))
-                seen += 1
-            if not cursor:
+        for name in await self._call("scan", partial(self._scan, _pattern("token"))):
+            await self._read(_key_in(name, "token"))
+
+    async def _scan(self, pattern: str, limit: int = KEY_CHECK_LIMIT) -> list[str]:
+        """Names matching ``pattern`` (on every primary of a Cluster), at most ``limit``."""
+        names: list[str] = []
+        async for name in self._client.scan_iter(match=pattern, count=100):
+            names.append(_text(name))
+            if len(names) >= limit:
                 break
+        return names
 
     async def close(self) -> None:
         self._closed = True
@@ -264,7 +380,7 @@ class RedisStore:
             await asyncio.wait(tasks, timeout=self._timeout + 1.0)
         with contextlib.suppress(Exception):
             async with asyncio.timeout(self._timeout):
-                await self._client.aclose()
+                await self._connection.aclose()
 
     # -- health ---------------------------------------------------------------------------
 
@@ -280,6 +396,7 @@ class RedisStore:
         """For ``/readyz`` and ``/connectors``: never the URL's password."""
         return {
             "type": "redis",
+            "mode": self._connection.mode,
             "up": self._up,
             "url": self.url,
             "down_since": self._down_since,
@@ -316,7 +433,7 @@ class RedisStore:
         while not self._closed:
             await asyncio.sleep(PROBE_INTERVAL)
             try:
-                await self._call("ping", self._client.ping)
+                await self._connect()
                 await self._resync()
             except StoreUnavailable as exc:
                 self.last_error = str(exc)
@@ -350,10 +467,20 @@ class RedisStore:
 
     # -- calls ----------------------------------------------------------------------------
 
-    async def _call(self, op: str, command: Callable[[], Awaitable[T]]) -> T:
+    async def _connect(self) -> None:
+        """Reach Redis (at start and from the probe). A Cluster client first learns the
+        topology (a few round trips to several nodes): that gets a few store timeouts, so a
+        loaded machine does not keep the store down; then one PING within the store timeout."""
+        if isinstance(self._client, RedisCluster):
+            await self._call("connect", self._client.initialize, CONNECT_TIMEOUTS * self._timeout)
+        await self._call("ping", self._client.ping)
+
+    async def _call(
+        self, op: str, command: Callable[[], Awaitable[T]], timeout: float | None = None
+    ) -> T:
         """One Redis call within the store timeout; StoreUnavailable if Redis is not there."""
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(timeout or self._timeout):
                 return await command()
         except (redis_errors.AuthenticationError, redis_errors.AuthorizationError) as exc:
             raise RedisRefused(
@@ -381,26 +508,85 @@ class RedisStore:
             self._mark_down(str(exc))
             raise
 
-    async def script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+    async def script(
+        self, name: str, keys: list[str], args: list[Any], *, while_down: bool = False
+    ) -> Any:
+        """Run one of the store's Lua scripts; ``while_down`` tries Redis even when the store
+        is marked down (the probe's resynchronisation)."""
         script = self._scripts[name]
-        return await self.run(name, lambda: script(keys=keys, args=args))
+        call = self._call if while_down else self.run
+        return await call(name, lambda: script(keys=keys, args=args))
+
+    async def open_windows(self) -> list[tuple[str, float]]:
+        """The Retry-After windows open now: (name, seconds left)."""
+        windows = []
+        for name in await self._call("scan", partial(self._scan, _pattern("window"))):
+            ttl = int(await self._call("pttl", partial(self._client.pttl, name)))
+            if ttl > 0:
+                windows.append((_key_in(name, "window"), ttl / 1000))
+        return windows
 
     async def _read(self, key: str) -> Token | None:
-        sealed = await self._call("get", lambda: self._client.get(_key("token", key)))
-        if sealed is None:
-            return None
+        if self._cluster:
+            sealed = await self._call("get", lambda: self._client.get(_key("token", key)))
+            return None if sealed is None else self._open(key, sealed)
+        names = [_key("token", key), _legacy_key("token", key)]
+        values = await self._call("get", lambda: self._client.mget(names))
+        tokens = [self._open(key, value) for value in values if value is not None]
+        return max(tokens, key=lambda t: t.obtained_at, default=None)
+
+    def _open(self, key: str, sealed: bytes | str) -> Token:
         return Token.from_json(self._codec.open(_bytes(sealed), key.encode()))
 
     async def _write(self, key: str, token: Token, fence: str) -> bool:
+        """Save unless another replica holds the lock; then, when the primary has replicas,
+        wait (bounded) until one has it too."""
         sealed = self._codec.seal(token.to_json(), key.encode())
-        script = self._scripts["save"]
-        saved = await self._call(
-            "save",
-            lambda: script(
-                keys=[_key("token", key), _key("lock", key)], args=[sealed, fence, CHANNEL, key]
-            ),
-        )
+        keys = [_key("token", key), _key("lock", key)]
+        args: list[Any] = [sealed, fence, CHANNEL, key]
+        if not await self._call("role", partial(self._replicas, keys[0])):
+            script = self._scripts["save"]
+            return bool(await self._call("save", lambda: script(keys=keys, args=args)))
+        saved, acknowledged = await self._call("save", partial(self._save_and_wait, keys, args))
+        if saved and not acknowledged:
+            connector = key.split(":", 1)[0]
+            log.warning(
+                "store_replication_unacknowledged",
+                store="redis",
+                connector=connector,
+                message=f"no replica acknowledged the new token within "
+                f"{self._wait_ms}ms: a failover now would lose it",
+            )
+            if self._metrics is not None:
+                self._metrics.store_replication_unacknowledged.labels(connector).inc()
         return bool(saved)
+
+    @property
+    def _wait_ms(self) -> int:
+        """How long a save waits for a replica: half the store timeout (the call's bound)."""
+        return max(1, round(self._timeout * 500))
+
+    def _node_of(self, name: str) -> dict[str, Any]:
+        """``target_nodes`` for a keyless command that must run where ``name`` lives."""
+        if isinstance(self._client, RedisCluster):
+            return {"target_nodes": self._client.get_node_from_key(name)}
+        return {}
+
+    async def _replicas(self, name: str) -> int:
+        """How many replicas the primary holding ``name`` has (``ROLE``)."""
+        role = await self._client.execute_command("ROLE", **self._node_of(name))
+        if _text(role[0]) != "master":
+            return 0
+        return len(role[2])
+
+    async def _save_and_wait(self, keys: list[str], args: list[Any]) -> tuple[int, int]:
+        """The save script and ``WAIT 1`` on one connection (WAIT counts the acknowledgements
+        of this connection's writes): (saved, replicas that acknowledged)."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.eval(_SAVE, len(keys), *keys, *args)
+        pipe.execute_command("WAIT", 1, self._wait_ms, **self._node_of(keys[0]))
+        saved, acknowledged = await pipe.execute()
+        return int(saved), int(acknowledged)
 
     # -- TokenStore -------------------------------------------------------------------------
 
@@ -558,9 +744,8 @@ class RedisCoordinator:
     async def try_lock(self, key: str) -> str | None:
         """Take the lock if it is free (resync); None otherwise. Works while marked down."""
         fence = secrets.token_hex(16)
-        script = self._store._scripts["acquire"]
-        remaining = await self._store._call(
-            "acquire", lambda: script(keys=[_key("lock", key)], args=[fence, self._lease_ms])
+        remaining = await self._store.script(
+            "acquire", [_key("lock", key)], [fence, self._lease_ms], while_down=True
         )
         if remaining != 0:
             return None
@@ -583,10 +768,9 @@ class RedisCoordinator:
     async def unlock(self, key: str, fence: str) -> None:
         if self._held.get(key) == fence:
             del self._held[key]
-        script = self._store._scripts["release"]
         with contextlib.suppress(StoreError):
-            await self._store._call(
-                "release", lambda: script(keys=[_key("lock", key)], args=[fence, CHANNEL, key])
+            await self._store.script(
+                "release", [_key("lock", key)], [fence, CHANNEL, key], while_down=True
             )
 
     # -- windows and budgets -----------------------------------------------------------------
@@ -610,18 +794,8 @@ class RedisCoordinator:
 
     async def load_windows(self) -> None:
         """The windows open now (on start, and after Redis was away)."""
-        prefix = _key("window", "")
-        cursor = 0
-        while True:
-            page = partial(self._store._client.scan, cursor, match=prefix + "*", count=100)
-            cursor, names = await self._store._call("scan", page)
-            for raw in names:
-                name = _text(raw)
-                ttl = int(await self._store._call("pttl", partial(self._store._client.pttl, name)))
-                if ttl > 0:
-                    await self.window_pushed(name.removeprefix(prefix), ttl / 1000)
-            if not cursor:
-                return
+        for name, seconds in await self._store.open_windows():
+            await self.window_pushed(name, seconds)
 
     async def take_budget(self, key: str, requests: int, per_seconds: float) -> float:
         if self._store.up:
