@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from yarl import URL
@@ -101,7 +102,9 @@ class Page:
         def run() -> None:
             from selenium.webdriver.common.by import By
 
-            card = self.driver.find_element(By.CSS_SELECTOR, f'article[data-connector="{connector}"]')
+            card = self.driver.find_element(
+                By.CSS_SELECTOR, f'article[data-connector="{connector}"]'
+            )
             if token is not None:
                 card.find_element(By.NAME, "admin_token").send_keys(token)
             card.find_element(By.CSS_SELECTOR, f'button[value="{action}"]').click()
@@ -137,7 +140,7 @@ def secrets_of(*sims: Any) -> list[str]:
     """Every configured secret and every token the simulators issued."""
     values: list[str] = []
     for sim in sims:
-        for attr in ("client_secret", "password", "secret_key", "access_key"):
+        for attr in ("client_secret", "password", "saak", "sask"):
             value = getattr(sim, attr, None)
             if isinstance(value, str) and len(value) >= 6:
                 values.append(value)
@@ -202,9 +205,12 @@ class TestStatusPage:
             assert await page.script("return window.pwned === undefined")
             assert await page.script("return document.querySelectorAll('main script').length") == 0
 
-            html = await page.source()
-            for secret in secrets_of(ifs, pso, infor, hostile) + ["wrong-password-123"]:
-                assert secret not in html
+            rendered = await page.source()
+            async with aiohttp.ClientSession() as http, http.get(page.url) as resp:
+                served = await resp.text()
+            assert "&lt;script&gt;window.pwned = 1&lt;/script&gt;" in served
+            for secret in [*secrets_of(ifs, pso, infor, hostile), "wrong-password-123"]:
+                assert secret not in rendered and secret not in served
         finally:
             await proc.kill()
 
