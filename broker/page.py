@@ -345,11 +345,16 @@ def _activity(window: Totals | None, minutes: list[Totals | None]) -> str:
     totals = window or Totals()
     slots = [m or Totals() for m in minutes][-WINDOW_MINUTES:]
     peak = max([m.requests for m in slots] + [1.0])
-    width, height, bar = 6 * WINDOW_MINUTES, 16, 4
-    offset = (WINDOW_MINUTES - len(slots)) * 6
-    rects = []
+    step, height, bar = 7, 16, 5
+    width = step * WINDOW_MINUTES
+    offset = (WINDOW_MINUTES - len(slots)) * step
+    # a faint track for every minute, so one minute of data does not look like a stray mark
+    rects = [
+        f'<rect x="{i * step}" y="{height - 1}" width="{bar}" height="1" fill="#d7dce3"/>'
+        for i in range(WINDOW_MINUTES)
+    ]
     for i, m in enumerate(slots):
-        x = offset + i * 6
+        x = offset + i * step
         h = 1 + round((height - 1) * m.requests / peak)
         e = round((height - 1) * m.errors / peak) if m.errors else 0
         rects.append(f'<rect x="{x}" y="{height - h}" width="{bar}" height="{h}" fill="#94a3b8"/>')
@@ -381,8 +386,9 @@ def _card(
     discovered = ""
     if status.get("type") == "ifs_apps10":
         discovered = (
+            "<dt>Operations</dt><dd>"
             f'<a class="link" href="/connectors/{_e(URL.build(path=name).raw_path)}/openapi">'
-            "Discovered operations</a>"
+            "discovered (OpenAPI)</a></dd>"
         )
     action = f"/page/connectors/{_e(URL.build(path=name).raw_path)}"
     token = (
@@ -403,13 +409,13 @@ def _card(
   <dt>Last refresh</dt><dd class="refreshed">{_when(status.get("last_refresh"), now)}</dd>
   <dt>Last {WINDOW_MINUTES} min</dt><dd class="activity">{_activity(window, minutes)}</dd>
   <dt>Last error</dt><dd class="error">{_error(status)}</dd>
+  {discovered}
  </dl>
  <form method="post" class="actions">{token}
   <button type="submit" formaction="{action}/refresh" name="do" value="refresh">
    Refresh credential</button>
   <button type="submit" formaction="{action}/test" name="do" value="test">
    Test connection</button>
-  {discovered}
  </form>
 </article>"""
 
@@ -552,9 +558,9 @@ border-radius:4px;padding:0 .35rem;margin-right:.35rem;font-size:.85em;font-weig
 border-radius:6px;font:inherit}
 button{font:inherit;padding:.4rem .8rem;border-radius:6px;border:1px solid #c7ccd5;
 background:#fff;cursor:pointer}button:hover{background:#f1f3f6}
-.link{margin-left:auto;color:var(--refreshing)}
+.link{color:var(--refreshing)}
 footer{padding:0 1.25rem 1.5rem;color:var(--muted);font-size:.85rem}
 footer a{color:inherit}
 @media (max-width:600px){main{grid-template-columns:1fr;padding:.75rem}
-.facts{margin:0}.top{padding:.8rem}.link{margin-left:0}}
+.facts{margin:0}.top{padding:.8rem}}
 """

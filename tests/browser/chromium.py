@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.ops.support import in_ci
+
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
 FLAGS = (
@@ -37,8 +39,8 @@ def require_chromium() -> None:
     if not missing:
         return
     message = f"{', '.join(missing)} missing: apt-get install chromium chromium-driver"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message)
+    if in_ci():
+        pytest.fail(message, pytrace=False)
     pytest.skip(message)
 
 
@@ -47,10 +49,10 @@ def chromium(
     *, width: int = 1280, height: int = 900, extra: tuple[str, ...] = ()
 ) -> Iterator[object]:
     """A fresh headless Chromium with a profile of its own, quit and removed afterwards."""
+    require_chromium()
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    require_chromium()
     profile = tempfile.mkdtemp(prefix="erp-broker-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
