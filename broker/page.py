@@ -318,7 +318,7 @@ def _expiry(status: Mapping[str, Any]) -> str:
     )
 
 
-def _error(status: Mapping[str, Any]) -> str:
+def render_error(status: Mapping[str, Any]) -> str:
     """The last error: its text, cause and hint, whichever ``/connectors`` gives."""
     error = status.get("last_error")
     if not error:
@@ -367,7 +367,7 @@ def _activity(window: Totals | None, minutes: list[Totals | None]) -> str:
         f'role="img" aria-label="requests per minute">{"".join(rects)}</svg>'
     )
     return (
-        f'<span class="count" data-requests>{totals.requests:g}</span> req · '
+        f'<span class="count">{totals.requests:g}</span> req · '
         f'<span class="count{" bad" if totals.errors else ""}">{totals.errors:g}</span> 5xx · '
         f'<span class="count">{totals.retries:g}</span> '
         f"{'retry' if totals.retries == 1 else 'retries'} {spark}"
@@ -408,7 +408,7 @@ def _card(
   <dt>Credential</dt><dd class="expires">{_expiry(status)}</dd>
   <dt>Last refresh</dt><dd class="refreshed">{_when(status.get("last_refresh"), now)}</dd>
   <dt>Last {WINDOW_MINUTES} min</dt><dd class="activity">{_activity(window, minutes)}</dd>
-  <dt>Last error</dt><dd class="error">{_error(status)}</dd>
+  <dt>Last error</dt><dd class="error">{render_error(status)}</dd>
   {discovered}
  </dl>
  <form method="post" class="actions">{token}
