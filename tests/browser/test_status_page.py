@@ -8,6 +8,9 @@ so every browser call runs in a worker thread (``asyncio.to_thread``).
 from __future__ import annotations
 
 import asyncio
+import re
+import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ from yarl import URL
 from broker.sandbox import IfsApps10Sim, InforIonSim, PsoSim
 from tests.browser.chromium import chromium
 from tests.conftest import SimStarter, ifs_connector, infor_connector, pso_connector
-from tests.procs import BrokerProcess
+from tests.procs import BrokerProcess, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -234,7 +237,6 @@ class TestStatusPage:
             await page.wait_for("document.querySelector('[data-connector=ifs] [data-expires-at]')")
             before = (await page.cards())["ifs"]["expires_at"]
             requests = ifs.count_token_requests()
-            await asyncio.sleep(1.1)  # the new credential's expiry must be a later second
             await page.act("ifs", "refresh")
             await page.wait_for("location.search.startsWith('?result=')")
             assert "ok: ifs: new credential" in await page.banner()
@@ -305,3 +307,26 @@ class TestStatusPage:
         finally:
             await runner.cleanup()
             await proc.kill()
+
+    async def test_the_demo_prints_its_page_first(self, browser: Any) -> None:
+        """`erp-broker demo`'s first line is the status page's URL, and that page shows the
+        demo's three connectors up."""
+        admin = f"127.0.0.1:{free_port()}"
+        demo = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "broker", "demo",
+            "--listen", f"127.0.0.1:{free_port()}", "--admin-listen", admin,
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            assert demo.stdout is not None
+            async with asyncio.timeout(WAIT):
+                first = (await demo.stdout.readline()).decode()
+            found = re.search(r"http://[0-9.:]+/", first)
+            assert found is not None and found.group(0) == f"http://{admin}/", first
+            page = Page(browser, found.group(0))
+            cards = await page.until_states({"ifs": "up", "pso": "up", "infor": "up"})
+            assert sorted(cards) == ["ifs", "infor", "pso"]
+        finally:
+            demo.send_signal(signal.SIGINT)
+            async with asyncio.timeout(WAIT):
+                await demo.wait()
