@@ -282,13 +282,6 @@ def _duration(seconds: float) -> str:
     return f"{seconds}s"
 
 
-def _account_expiry(value: Any) -> str:
-    """``credentials_expire`` (a date), when ``/connectors`` shows one."""
-    if not value:
-        return ""
-    return f'<dt>Account expires</dt><dd class="account">{_e(value)}</dd>'
-
-
 def _anchor(name: str) -> str:
     return "c-" + "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
 
@@ -416,7 +409,6 @@ def _card(
   <dt>Last refresh</dt><dd class="refreshed">{_when(status.get("last_refresh"), now)}</dd>
   <dt>Last {WINDOW_MINUTES} min</dt><dd class="activity">{_activity(window, minutes)}</dd>
   <dt>Last error</dt><dd class="error">{render_error(status)}</dd>
-  {_account_expiry(status.get("credentials_expire"))}
   {discovered}
  </dl>
  <form method="post" class="actions">{token}
