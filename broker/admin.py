@@ -17,6 +17,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .errors import NoRoute, ProxyError, error_response
+from .page import StatusPage
 
 if TYPE_CHECKING:
     from .app import BrokerServer
@@ -47,10 +48,11 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(exc)
 
 
-def _require_operator(request: web.Request) -> None:
+def _require_operator(request: web.Request, bearer: str | None = None) -> None:
     token = request.app[SERVER].broker.config.admin_token
     if token is not None:
-        sent = request.headers.get("Authorization", "")
+        # a browser's form sends the token as a field (``bearer``): it cannot set the header
+        sent = request.headers.get("Authorization", "") if bearer is None else f"Bearer {bearer}"
         if hmac.compare_digest(sent.encode(), f"Bearer {token.get()}".encode()):
             return
         raise Forbidden("this admin action needs Authorization: Bearer <admin_token>")
@@ -185,4 +187,5 @@ def admin_app(server: BrokerServer) -> web.Application:
     app.router.add_post("/connectors/{name}/test", test)
     app.router.add_get("/connectors/{name}/openapi", openapi)
     app.router.add_post("/quitquitquit", quit_)
+    StatusPage(server, connector_info, _require_operator).add_routes(app)
     return app

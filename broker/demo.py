@@ -96,6 +96,7 @@ async def run_demo(listen: str, admin_listen: str) -> int:
             try:
                 with contextlib.suppress(TimeoutError):
                     await server.broker.wait_ready(READY_TIMEOUT)
+                print(f"Status page: {server.admin_url}/", flush=True)
                 print(curl_lines(server.proxy_url, server.admin_url, sandboxes), flush=True)
                 quit_ = asyncio.ensure_future(server.broker.shutdown_requested.wait())
                 stopper = asyncio.ensure_future(stop.wait())

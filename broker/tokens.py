@@ -314,6 +314,11 @@ class TokenManager:
             token is not None and token is not self._rejected and not token.expired(self._clock())
         )
 
+    @property
+    def refreshing(self) -> bool:
+        """A token request is in flight (the status page shows it)."""
+        return self._inflight is not None and not self._inflight.done()
+
     async def wait_usable(self, timeout: float) -> None:
         """Wait until the connector has held a usable credential (readiness, demo, tests)."""
         async with asyncio.timeout(timeout):
