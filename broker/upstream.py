@@ -70,7 +70,7 @@ class Connector:
         self.coordinator = coordinator
         self.metrics = metrics
         # Series exist from the start, so rate()/increase() see the first event too.
-        for reason in ("auth", "rate_limited", "gateway_timeout"):
+        for reason in ("auth", "rate_limited", "gateway_timeout", "stale_connection"):
             metrics.retries.labels(name, reason)
         for reason in ("rate_limited", "gateway_timeout"):
             metrics.backoff_seconds.labels(name, reason)
@@ -99,6 +99,7 @@ class Connector:
             limit=CONNECTION_LIMIT,
             connect_timeout=config.timeout,
             read_timeout=config.timeout,
+            keepalive_timeout=config.keepalive_timeout,
         )
         self._clock = clock
         #: The config the credentials come from (replaced when a secret file changes).
