@@ -304,3 +304,19 @@ class TestStaleConnection:
             assert erp.accepted == 2
             labels = {"connector": "ifs", "reason": "stale_connection"}
             assert metric(broker, "erp_broker_retries_total", **labels) == 1
+
+
+class TestKeepalive:
+    async def test_connector_keepalive_timeout(self, broker_to: Any) -> None:
+        """``keepalive_timeout`` (a connector key): an idle connection older than it is not
+        reused, a younger one is (the timeout under test is waited out)."""
+        async with asyncio.timeout(LIMIT):
+            broker, erp = await broker_to(replying(OK), keepalive_timeout=0.3)
+            async with App(broker) as app:
+                assert (await app.request("GET", "/ifs/1"))[0] == 200
+                assert (await app.request("GET", "/ifs/2"))[0] == 200
+                assert erp.accepted == 1
+                await asyncio.sleep(0.5)
+                assert (await app.request("GET", "/ifs/3"))[0] == 200
+            assert erp.accepted == 2
+            await erp.peers[0].eof.wait()
