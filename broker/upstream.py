@@ -70,7 +70,7 @@ class Connector:
         self.coordinator = coordinator
         self.metrics = metrics
         # Series exist from the start, so rate()/increase() see the first event too.
-        for reason in ("auth", "rate_limited", "gateway_timeout", "stale_connection"):
+        for reason in ("auth", "rate_limited", "gateway_timeout"):
             metrics.retries.labels(name, reason)
         for reason in ("rate_limited", "gateway_timeout"):
             metrics.backoff_seconds.labels(name, reason)

@@ -1244,6 +1244,16 @@ class TestMalformed:
             b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            # framing the client will not guess at, protocols that are not HTTP/1.x
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: xchunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunkedx\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nok",
+            b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: identity\r\n\r\n",
+            b"RTSP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            b"ICE/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            b"HTTP/2.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            b"HTTP/1.1 100 Continue\r\n\r\nRTSP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
         ],
     )
     async def test_malformed_head(self, answer: bytes) -> None:
