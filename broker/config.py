@@ -33,6 +33,7 @@ from pydantic import (
 
 from .errors import ConfigError
 from .redis_url import check_redis_url
+from .http1 import KEEPALIVE_TIMEOUT
 from .secrets import MASK, Secret
 
 DEFAULT_CONFIG_PATH = "./config/broker.yaml"
@@ -117,6 +118,9 @@ class ConnectorBase(_Model):
     base_url: str | None = None
     route: str | None = None
     timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0)
+    #: Seconds an idle connection to the ERP may wait in the pool to be reused: below the
+    #: ERP's own keep-alive timeout (Apache httpd's default is 5 s).
+    keepalive_timeout: float = Field(default=KEEPALIVE_TIMEOUT, gt=0)
     token_timeout: float = Field(default=DEFAULT_TOKEN_TIMEOUT, gt=0)
     ca_file: str | None = None
     tls_verify: bool = True

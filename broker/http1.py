@@ -12,14 +12,17 @@ What it guarantees:
 - the request goes out as given: method, target and headers byte for byte (no header added
   but ``Host`` and the body's framing; a header holding CR, LF or NUL is refused, as aiohttp
   refuses it);
-- a connection goes back to the pool only after its response was read to the end and the
-  ERP did not ask to close it; anything else (a body left half read, a cancelled request, a
-  malformed response) closes it;
-- a request is sent twice only when a connection from the pool turns out to have been closed
-  by the ERP before any byte of the answer came back, and the method is idempotent with a
-  body that can be sent again (as Go's and urllib3's clients do): the ERP never saw it;
-- no read waits longer than ``read_timeout`` for the next byte; connecting (TCP and TLS)
-  takes at most ``connect_timeout``.
+- an answer ends where its framing says (:func:`body_framing`, decided once from the head);
+  a connection goes back to the pool only after its answer was read to that end, the ERP did
+  not ask to close it, and not one byte came beyond it. Anything else (a body left half read,
+  bytes after the answer or on an idle connection, a cancelled request, a malformed answer)
+  closes it: the next request never reads another's bytes;
+- a request is never sent twice here: a pooled connection the ERP had closed before any byte
+  of the answer came back raises :class:`StaleConnection`, and the proxy's send loop decides
+  whether to send again;
+- no read waits longer than ``read_timeout`` for the next byte; waiting for a free
+  connection and connecting (TCP and TLS) take at most ``connect_timeout`` together; an idle
+  connection is not reused after ``keepalive_timeout`` (before the ERP closes it).
 """
 
 from __future__ import annotations
@@ -29,20 +32,21 @@ import collections
 import socket
 import ssl
 from collections.abc import AsyncIterator, Iterable
+from typing import NamedTuple
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .flow import Chunk, Chunks, Reading, answer_has_body
+from .flow import Chunk, Chunks, Reading
 
-#: Idle connections older than this are closed rather than reused (aiohttp's default).
-KEEPALIVE_TIMEOUT = 15.0
-#: Reads larger than this that start a response have their head parsed apart from the body.
-_SPLIT_AT = 16 * 1024
-#: Largest response head (status line and headers) accepted.
+#: Idle connections older than this are closed rather than reused, by default: below the
+#: keep-alive timeout of common servers (Apache httpd closes idle connections after 5 s, nginx
+#: after 75 s, IIS after 120 s), so the broker retires a connection before the ERP does.
+KEEPALIVE_TIMEOUT = 4.0
+#: Largest response head (status line and headers, interim answers included) accepted.
 MAX_HEAD = 64 * 1024
-#: Methods sent again on a fresh connection when a pooled one was found closed.
-_REPLAYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+#: Bodies at most this long are copied out of a read; longer ones are handed on as views.
+_COPY_UNDER = 4096
 #: Methods that carry ``Content-Length: 0`` when sent without a body (aiohttp's rule).
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
@@ -53,6 +57,16 @@ class UpstreamError(Exception):
 
 class UpstreamClosed(UpstreamError):
     """The ERP closed the connection before its answer was complete."""
+
+
+class StaleConnection(UpstreamClosed):
+    """A connection reused from the pool was found closed before any byte of the answer came
+    back: the ERP closed it while idle, and never saw this request. The proxy's send loop may
+    send the request again (on a fresh connection: ``Pool.request(..., fresh=True)``)."""
+
+
+class PoolTimeout(UpstreamError, TimeoutError):
+    """No connection to the ERP came free (or could be opened) within the connect timeout."""
 
 
 class UpstreamProtocolError(UpstreamError):
@@ -69,6 +83,61 @@ class InvalidHeader(ValueError):
 
 Body = bytes | AsyncIterator[bytes] | None
 
+#: :attr:`Framing.body` of a chunked body.
+CHUNKED = -1
+#: :attr:`Framing.body` of a body that ends when the ERP closes the connection.
+UNTIL_CLOSE = -2
+
+
+class Framing(NamedTuple):
+    """How an answer's body is delimited, from its head (see :func:`body_framing`)."""
+
+    #: Body bytes to read (0: no body), or :data:`CHUNKED`, or :data:`UNTIL_CLOSE`.
+    body: int
+    #: The body's length the broker announces to the app in its own ``Content-Length``
+    #: (for HEAD and 304, the length announced by the ERP), or None.
+    length: int | None
+
+
+def body_framing(method: str, status: int, headers: CIMultiDictProxy[str]) -> Framing:
+    """The body's framing of an answer to ``method`` (RFC 9112, 6.3), decided once, from the
+    head alone, before any byte of the body is read.
+
+    No body after HEAD, 1xx, 204 or 304 whatever the headers say; else chunked, a length, or
+    until the ERP closes. The framing headers are checked whatever the status, and only one
+    reading is accepted: a ``Transfer-Encoding`` other than exactly ``chunked`` (``xchunked``,
+    ``gzip, chunked``), a ``Content-Length`` that is not one decimal number (optional
+    whitespace around it), or both headers together (a smuggling pattern, RFC 9112 6.1) raise
+    :class:`UpstreamProtocolError`: the broker does not guess where an answer ends.
+    """
+    lengths = headers.getall("Content-Length", ())
+    length: int | None = None
+    if lengths:
+        value = lengths[0].strip(" \t")
+        if len(lengths) > 1 or not (value.isascii() and value.isdigit()) or len(value) > 18:
+            raise UpstreamProtocolError("the ERP's answer has an invalid Content-Length")
+        length = int(value)
+    codings = headers.getall("Transfer-Encoding", ())
+    if codings:
+        if [c.strip(" \t").lower() for v in codings for c in v.split(",")] != ["chunked"]:
+            shown = ", ".join(codings)[:60]
+            raise UpstreamProtocolError(
+                f"the ERP's answer has a transfer coding the broker does not support: {shown!r}"
+            )
+        if length is not None:
+            raise UpstreamProtocolError(
+                "the ERP's answer has both Content-Length and Transfer-Encoding"
+            )
+    if method == "HEAD" or status < 200 or status == 304:
+        return Framing(0, length if status >= 200 else None)
+    if status == 204:
+        return Framing(0, None)  # a 204 has no Content-Length (RFC 9110, 8.6)
+    if codings:
+        return Framing(CHUNKED, None)
+    if length is not None:
+        return Framing(length, length)
+    return Framing(UNTIL_CLOSE, None)
+
 
 class Pool:
     """Keep-alive connections to one origin (``scheme://host:port``)."""
@@ -82,6 +151,7 @@ class Pool:
         limit: int,
         connect_timeout: float,
         read_timeout: float,
+        keepalive_timeout: float = KEEPALIVE_TIMEOUT,
     ) -> None:
         self.host = host
         self.port = port
@@ -89,6 +159,7 @@ class Pool:
         self.limit = limit
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.keepalive_timeout = keepalive_timeout
         default_port = 443 if ssl_context is not None else 80
         host_header = f"[{host}]" if ":" in host else host
         if port != default_port:
@@ -119,28 +190,18 @@ class Pool:
         body: Body = None,
         *,
         length: int | None = None,
+        fresh: bool = False,
     ) -> Response:
         """Send one request and return once the answer's head has arrived.
 
         ``target`` is the request target as it goes on the wire (path and query, already
         encoded). ``body`` is bytes, an async iterator of chunks (sent with ``length`` as its
-        ``Content-Length`` when given, else chunked) or None.
+        ``Content-Length`` when given, else chunked) or None. ``fresh``: on a new connection,
+        not one from the pool (after a :class:`StaleConnection`).
         """
         head = self._head(method, target, headers, body, length)
         chunked = body is not None and not isinstance(body, bytes) and length is None
-        conn = await self._acquire(fresh=False)
-        try:
-            return await conn.send(method, head, body, chunked)
-        except UpstreamClosed:
-            if not (
-                conn.reused
-                and not conn.answered
-                and method in _REPLAYABLE_METHODS
-                and (body is None or isinstance(body, bytes))
-            ):
-                raise
-        # A pooled connection the ERP had closed: it never saw this request.
-        conn = await self._acquire(fresh=True)
+        conn = await self._acquire(fresh=fresh)
         return await conn.send(method, head, body, chunked)
 
     def _head(
@@ -177,12 +238,14 @@ class Pool:
 
     async def _acquire(self, *, fresh: bool) -> _Connection:
         loop = asyncio.get_running_loop()
+        # Waiting for a free place and connecting share one limit (aiohttp's connect timeout).
+        deadline = loop.time() + self.connect_timeout
         while True:
             if self._closed:
                 raise UpstreamError("the connection pool is closed")
             while self._idle and not fresh:
                 conn = self._idle.pop()  # the most recently used: the least likely stale
-                if conn.closed or loop.time() - conn.idle_since > KEEPALIVE_TIMEOUT:
+                if conn.closed or loop.time() - conn.idle_since > self.keepalive_timeout:
                     conn.close()
                     continue
                 conn.reused = True
@@ -195,19 +258,25 @@ class Pool:
             waiter = loop.create_future()
             self._waiters.append(waiter)
             try:
-                await waiter
-            except BaseException:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except BaseException as exc:
                 # Woken for a free place but cancelled before taking it: pass the turn on,
                 # or the next waiter waits for a wake-up that already happened.
                 if waiter.done() and not waiter.cancelled():
                     self._wake()
+                if isinstance(exc, TimeoutError):
+                    raise PoolTimeout(
+                        f"all {self.limit} connections to the ERP stayed busy for "
+                        f"{self.connect_timeout:g}s"
+                    ) from None
                 raise
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
         self._connecting += 1
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout_at(deadline):
                 _, conn = await loop.create_connection(
                     lambda: _Connection(self, self.read_timeout),
                     self.host,
@@ -231,8 +300,12 @@ class Pool:
         if self._closed:
             conn.close()
             return
-        conn.idle_since = asyncio.get_running_loop().time()
-        self._idle.append(conn)
+        now = conn.idle_since = asyncio.get_running_loop().time()
+        idle = self._idle
+        # Retire the connections idle too long (the oldest first), before the ERP closes them.
+        while idle and now - idle[0].idle_since > self.keepalive_timeout:
+            idle.pop(0).close()
+        idle.append(conn)
         self._wake()
 
     def _opened(self, conn: _Connection) -> None:
@@ -267,7 +340,6 @@ class Response:
         "_done",
         "_keep_alive",
         "_remaining",
-        "_until_eof",
         "content_length",
         "headers",
         "reason",
@@ -281,20 +353,21 @@ class Response:
         reason: str,
         headers: CIMultiDictProxy[str],
         keep_alive: bool,
-        until_eof: bool,
+        framing: Framing,
     ) -> None:
         self.status = status
         self.reason = reason
+        #: The ERP's headers as they came, framing headers included (the proxy writes its
+        #: own framing from ``content_length``).
         self.headers = headers
-        length = headers.get("Content-Length")
-        self.content_length = int(length) if length is not None and length.isdigit() else None
+        #: The length of the body (see :attr:`Framing.length`), checked; None if not known.
+        self.content_length = framing.length
         self._conn = conn
         self._chunks = Chunks(conn)
         self._done = False
         self._keep_alive = keep_alive
-        self._until_eof = until_eof
-        #: Body bytes still to come when the length is known (Content-Length), else None.
-        self._remaining: int | None = None
+        #: Body bytes still to come when the length is known, else None.
+        self._remaining: int | None = framing.body if framing.body > 0 else None
 
     async def read(self) -> bytes:
         """The whole body."""
@@ -329,8 +402,10 @@ class Response:
             and conn.response is self
         ):
             conn.response = None
+            conn.state = _IDLE
             # The body may have ended in the read that paused reading, and not been read:
-            # an idle connection must read, to see the next answer or the ERP closing it.
+            # an idle connection must read, to see the ERP closing it (or sending what it
+            # must not: the connection is closed then).
             conn.resume_reading()
             conn.pool._put(conn)
         elif conn.response is self:
@@ -346,6 +421,37 @@ class Response:
         self._chunks.put(chunk)
 
 
+# What a connection is reading (_Connection.state).
+_IDLE = 0  # nothing: no request in flight, or its answer was released
+_HEAD = 1  # an answer's head (interim 1xx answers included)
+_LENGTH = 2  # a body of known length
+_CHUNKED = 3  # a chunked body (through the parser)
+_UNTIL_CLOSE = 4  # a body that ends with the connection
+_DONE = 5  # nothing more: the answer is complete, not yet released
+
+
+class _Beyond(Exception):
+    """Bytes after a complete answer (raised in a parser callback to stop it there)."""
+
+
+def _piece(data: bytes, start: int, stop: int) -> Chunk:
+    """``data[start:stop]``: the bytes themselves when whole, a copy when short, else a view."""
+    if start == 0 and stop == len(data):
+        return data
+    if stop - start <= _COPY_UNDER:
+        return data[start:stop]
+    return memoryview(data)[start:stop]
+
+
+def _crlf_run(data: Chunk) -> int:
+    """How many CR and LF bytes end ``data``."""
+    end = len(data)
+    i = end
+    while i and data[i - 1] in (10, 13):
+        i -= 1
+    return end - i
+
+
 class _Connection(Reading, asyncio.Protocol):
     """One connection to the ERP; it carries one request at a time."""
 
@@ -355,6 +461,7 @@ class _Connection(Reading, asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
+        self.state = _IDLE
         self.closed = False
         #: Counted among the pool's open connections (from ``connection_made``).
         self.counted = False
@@ -371,11 +478,16 @@ class _Connection(Reading, asyncio.Protocol):
         self._headers: list[tuple[str, str]] = []
         self._head_size = 0
         self._waiter: asyncio.Future[None] | None = None
-        #: Bytes read while no answer head was complete (bounded by MAX_HEAD).
+        #: Bytes of the answer's heads read so far (bounded by MAX_HEAD).
         self._head_bytes = 0
-        #: True while the rest of a body of known length arrives (see data_received).
-        self._raw = False
-        self._reading_paused = False
+        #: The first bytes of the head being read (its protocol: "HTTP/1.").
+        self._prefix = b""
+        #: The last bytes (up to 3) of the head being read: its end may span two reads.
+        self._tail = b""
+        #: True while the parser is fed a head up to its end (see on_headers_complete).
+        self._head_end_fed = False
+        #: CR and LF bytes that ended the chunked body's reads so far (see _chunked).
+        self._crlf = 0
         self._writing_paused = False
         self._drain: asyncio.Future[None] | None = None
 
@@ -384,9 +496,13 @@ class _Connection(Reading, asyncio.Protocol):
     async def send(self, method: str, head: bytes, body: Body, chunked: bool) -> Response:
         transport = self.transport
         if self.closed or transport is None or transport.is_closing():
+            if self.reused:
+                raise StaleConnection("the ERP had closed the pooled connection")
             raise UpstreamClosed("the ERP closed the connection")
         self._method = method
         self._head_bytes = 0
+        self._prefix = self._tail = b""
+        self.state = _HEAD
         self.answered = False
         self.response = None
         self.error = None
@@ -406,8 +522,11 @@ class _Connection(Reading, asyncio.Protocol):
                 await self._send_stream(body, chunked)  # sets request_sent at the body's end
             while self.response is None:
                 await self.wait()
-        except BaseException:
+        except BaseException as exc:
             self.close()
+            if isinstance(exc, UpstreamClosed) and self.reused and not self.answered:
+                # Closed by the ERP while idle in the pool: it never saw the request.
+                raise StaleConnection(f"the ERP had closed the pooled connection ({exc})") from exc
             raise
         return self.response
 
@@ -499,37 +618,110 @@ class _Connection(Reading, asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.answered = True
-        if self._raw:
-            self._raw_body(data)
-            return
-        if len(data) > _SPLIT_AT and self.response is None:
-            # A head with much of a large body behind it in one read: the parser takes the
-            # head only, the body goes on without a copy (views of the bytes read).
-            end = data.find(b"\r\n\r\n")
-            if end != -1:
-                view = memoryview(data)
-                if not self._parse(view[: end + 4]):
-                    return
-                if self._raw:
-                    self._raw_body(view[end + 4 :])
-                    return
-                data = view[end + 4 :]  # type: ignore[assignment]
-        self._parse(data)
+        pos = 0
+        end = len(data)
+        if self.state == _LENGTH:  # most reads: the rest of a body of known length
+            pos = self._length_body(data, 0)
+        while pos < end and not self.closed:
+            state = self.state
+            if state == _HEAD:
+                pos = self._head(data, pos)
+            elif state == _LENGTH:
+                pos = self._length_body(data, pos)
+            elif state == _CHUNKED:
+                self._chunked(_piece(data, pos, end))
+                pos = end
+            elif state == _UNTIL_CLOSE:
+                self._body_piece(_piece(data, pos, end))
+                pos = end
+            else:  # _DONE, _IDLE: nothing may come now
+                self._beyond()
+                return
 
-    def _parse(self, data: bytes | memoryview) -> bool:
-        """Feed the parser; False when the answer turned out malformed (the connection is
-        closed then)."""
+    def _head(self, data: bytes, pos: int) -> int:
+        """Feed the parser the head's bytes from ``pos``, up to the head's end at most;
+        returns where they stop."""
+        stop = -1
+        tail = self._tail
+        if tail:  # the end may straddle the previous read and this one
+            found = (tail + data[pos : pos + 3]).find(b"\r\n\r\n")
+            if found != -1:
+                stop = pos + found + 4 - len(tail)
+        if stop == -1:
+            found = data.find(b"\r\n\r\n", pos)
+            if found != -1:
+                stop = found + 4
+        last = len(data) if stop == -1 else stop
+        self._head_bytes += last - pos
+        if self._head_bytes > MAX_HEAD:
+            self._fail(
+                UpstreamProtocolError(f"the ERP's response head is larger than {MAX_HEAD} bytes")
+            )
+            return len(data)
+        piece = data[pos:last] if pos or last != len(data) else data
+        if len(self._prefix) < 7:
+            self._prefix += piece[: 7 - len(self._prefix)]
+        self._tail = b"" if stop != -1 else (tail + piece[-3:])[-3:]
+        self._head_end_fed = stop != -1
+        self._parse(piece)
+        return last
+
+    def _length_body(self, data: bytes, pos: int) -> int:
+        response = self.response
+        assert response is not None and response._remaining is not None
+        remaining = response._remaining
+        stop = min(len(data), pos + remaining)
+        response._remaining = remaining - (stop - pos)
+        response._feed(_piece(data, pos, stop))
+        if response._remaining == 0:
+            self._complete()
+        else:
+            self._wake()
+        return stop
+
+    def _chunked(self, piece: Chunk) -> None:
+        run = _crlf_run(piece)
+        self._crlf = self._crlf + run if run == len(piece) else run
+        if self._parse(piece) and self.state == _DONE and self._crlf > 4:
+            # The parser skips CR and LF between messages; the answer's own end is exactly
+            # 4 of them ("0\r\n\r\n", or after its trailers): more is beyond the answer.
+            self._beyond()
+
+    def _body_piece(self, piece: Chunk) -> None:
+        response = self.response
+        assert response is not None
+        response._feed(piece)
+        self._wake()
+
+    def _complete(self) -> None:
+        """The final answer is complete."""
+        response = self.response
+        assert response is not None
+        response._done = True
+        self.state = _DONE
+        # The parser may have stopped mid-answer (a body read without it): a new one for the
+        # next answer.
+        self.parser = httptools.HttpResponseParser(self)
+        self._wake()
+
+    def _beyond(self) -> None:
+        """Bytes after a complete answer, or on an idle connection: the answer stands, the
+        connection is never reused."""
+        if self.response is not None:
+            self.response._keep_alive = False
+        self.close()
+
+    def _parse(self, data: Chunk) -> bool:
+        """Feed the parser; False when the answer turned out malformed or complete with bytes
+        beyond it (the connection is closed then)."""
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamProtocolError("the ERP switched protocols; not supported"))
             return False
         except httptools.HttpParserError as exc:
-            response = self.response
-            if response is not None and response._done:
-                # Garbage after a complete answer: the answer stands, the connection closes.
-                response._keep_alive = False
-                self.close()
+            if self.state == _DONE:
+                self._beyond()  # another message began after the answer
                 return False
             cause = exc.__context__
             if isinstance(cause, UpstreamProtocolError):
@@ -537,49 +729,18 @@ class _Connection(Reading, asyncio.Protocol):
             else:
                 self._fail(UpstreamProtocolError(f"the ERP sent a malformed response: {exc}"))
             return False
-        response = self.response
-        if response is None:
-            # httptools buffers a header line until it ends: bound the head as a whole.
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD:
-                self._fail(
-                    UpstreamProtocolError(
-                        f"the ERP's response head is larger than {MAX_HEAD} bytes"
-                    )
-                )
-                return False
-        elif not response._done and response._remaining:
-            # The rest of a body of known length: handed on as it arrives, without the
-            # parser (which would copy every chunk once more).
-            self._raw = True
         return True
-
-    def _raw_body(self, data: bytes | memoryview) -> None:
-        response = self.response
-        assert response is not None and response._remaining is not None
-        remaining = response._remaining
-        if len(data) > remaining:
-            # More than the announced length, on a connection that carries one request at
-            # a time: the ERP is confused; use what was announced, then close.
-            data = data[:remaining]
-            response._keep_alive = False
-        response._remaining = remaining - len(data)
-        response._feed(data)
-        if response._remaining == 0:
-            response._done = True
-            self._raw = False
-            # The parser stopped mid-body: a new one for the next answer.
-            self.parser = httptools.HttpResponseParser(self)
-        self._wake()
 
     def eof_received(self) -> bool:
         return False  # close the transport: connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
         response = self.response
-        if response is not None and response._until_eof and not response._done and exc is None:
-            response._done = True  # a body delimited by the end of the connection
+        if self.state == _UNTIL_CLOSE and exc is None and response is not None:
+            # A body delimited by the end of the connection.
+            response._done = True
             response._keep_alive = False
+            self.state = _DONE
         detail = f": {type(exc).__name__}" if exc is not None else ""
         # The transport is spent: asyncio's, lost once its buffer was flushed after close(),
         # fails on a later abort() (its loop is gone).
@@ -615,6 +776,8 @@ class _Connection(Reading, asyncio.Protocol):
     # -- httptools callbacks ------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.state != _HEAD:
+            raise _Beyond  # a second message after the answer: stops the parser
         self._reason.clear()
         self._headers = []
         self._head_size = 0
@@ -631,44 +794,54 @@ class _Connection(Reading, asyncio.Protocol):
         )
 
     def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
-        if status < 200:
-            return  # 100 Continue, 103 Early Hints: the answer is still to come
+        parser = self.parser
+        version = parser.get_http_version()
+        if self._prefix != b"HTTP/1." or version not in ("1.1", "1.0"):
+            raise UpstreamProtocolError("the ERP's answer is not HTTP/1.x")
+        if not self._head_end_fed:  # cannot happen with llhttp's strict CRLF; never guess
+            raise UpstreamProtocolError("the ERP's answer head ends where the broker cannot tell")
+        status = parser.get_status_code()
         headers = CIMultiDictProxy(CIMultiDict(self._headers))
-        head_only = self._method == "HEAD"
-        # The body's framing, decided once: none, chunked, a length, or until the ERP closes.
-        has_body = answer_has_body(self._method, status)
-        chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
-        until_eof = has_body and not chunked and "Content-Length" not in headers
+        framing = body_framing(self._method, status, headers)
+        if status < 200:
+            # 100 Continue, 103 Early Hints: the answer is still to come, with its own head.
+            self._prefix = b""
+            return
+        keep_alive = version == "1.1" and framing.body != UNTIL_CLOSE
+        if keep_alive and "Connection" in headers:
+            keep_alive = not any(
+                token.strip(" \t").lower() == "close"
+                for value in headers.getall("Connection")
+                for token in value.split(",")
+            )
         self.response = Response(
             self,
             status,
             b"".join(self._reason).decode("latin-1"),
             headers,
-            # llhttp would wait for a HEAD answer's announced body: never reuse the connection
-            keep_alive=self.parser.should_keep_alive() and not head_only,
-            until_eof=until_eof,
+            keep_alive,
+            framing,
         )
-        if has_body and not chunked:
-            self.response._remaining = self.response.content_length  # None: until_eof
-        if head_only:
-            self.response._done = True
+        body = framing.body
+        if body == 0:
+            self._complete()
+        elif body > 0:
+            self.state = _LENGTH
+        elif body == CHUNKED:
+            self.state = _CHUNKED
+            self._crlf = 0
+        else:
+            self.state = _UNTIL_CLOSE
         self._wake()
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)  # an upload waiting for the ERP to read: stop it
 
     def on_body(self, body: bytes) -> None:
         response = self.response
-        if response is not None and not response._done:
-            if response._remaining is not None:
-                response._remaining -= len(body)
+        if self.state == _CHUNKED and response is not None:
             response._feed(body)
             self._wake()
 
     def on_message_complete(self) -> None:
-        if self.parser.get_status_code() < 200:
-            return
-        response = self.response
-        if response is not None:
-            response._done = True
-            self._wake()
+        if self.state == _CHUNKED:
+            self._complete()

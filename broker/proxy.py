@@ -28,10 +28,19 @@ from .errors import (
     UpstreamUnreachable,
 )
 from .flow import answer_has_body
-from .http1 import InvalidHeader, UpstreamError
+from .http1 import InvalidHeader, StaleConnection, UpstreamError
 from .http1 import Response as Upstream
 from .logs import info_line
-from .retry import AUTH, RATE_LIMITED, RetryBudget, backoff_delay, parse_retry_after, should_retry
+from .retry import (
+    AUTH,
+    IDEMPOTENT_METHODS,
+    RATE_LIMITED,
+    STALE_CONNECTION,
+    RetryBudget,
+    backoff_delay,
+    parse_retry_after,
+    should_retry,
+)
 from .server import BodyReader, Request, Response, error_answer
 from .upstream import Connector
 
@@ -54,7 +63,8 @@ HOP_BY_HOP = frozenset(
 CREDENTIAL_HEADERS = frozenset({"authorization", "apikey", "proxy-authorization"})
 #: Set by the client library from the URL and the body, not copied.
 _REQUEST_DROP = HOP_BY_HOP | CREDENTIAL_HEADERS | {"host", "content-length", "expect"}
-_RESPONSE_DROP = HOP_BY_HOP
+#: The answer's framing is the broker's own (one Content-Length, or chunked), never copied.
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 _RESPONSE_DROP_WITH_ID = _RESPONSE_DROP | {"x-request-id"}
 #: Responses with a Content-Length up to this are read whole and sent in one write.
 SMALL_BODY = 64 * 1024
@@ -297,13 +307,24 @@ class Proxy:
         if token is None:
             token = await connector.tokens.get()
         auth_replayed = False
+        # A request found a pooled connection closed by the ERP is sent once more, on a new
+        # connection, when that is safe (the ERP never saw it; idempotent, body replayable).
+        stale_replay = method in IDEMPOTENT_METHODS and body.replayable
+        fresh = False
         attempts = 0
         while True:
             if not connector.turn_ready():
                 await connector.wait_turn()
             connector.authenticator.apply(headers, token)
             attempts += 1
-            upstream = await self._send(connector, method, target, headers, body)
+            upstream = await self._send(
+                connector, method, target, headers, body, fresh=fresh, stale_replay=stale_replay
+            )
+            if upstream is None:
+                stale_replay = False
+                fresh = True
+                connector.metrics.retries.labels(connector.name, STALE_CONNECTION).inc()
+                continue
             status = upstream.status
             if status in connector.auth_statuses and not auth_replayed and body.replayable:
                 upstream.release()
@@ -342,12 +363,24 @@ class Proxy:
         target: str,
         headers: CIMultiDict[str],
         body: Body,
-    ) -> Upstream:
+        *,
+        fresh: bool = False,
+        stale_replay: bool = False,
+    ) -> Upstream | None:
+        """The ERP's answer; None when the pooled connection was stale and ``stale_replay``
+        allows sending again."""
         started = time.perf_counter()
         try:
             return await connector.pool.request(
-                method, target, headers.items(), body.payload(), length=body.length
+                method, target, headers.items(), body.payload(), length=body.length, fresh=fresh
             )
+        except StaleConnection:
+            if stale_replay:
+                return None
+            raise UpstreamUnreachable(
+                f"cannot reach {connector.host}: the ERP closed the connection",
+                connector=connector.name,
+            ) from None
         except TimeoutError:
             raise UpstreamTimeout(
                 f"the ERP did not answer within {connector.config.timeout:g}s",
@@ -376,6 +409,8 @@ class Proxy:
         status = upstream.status
         length = upstream.content_length
         headers = _without(upstream.headers, _RESPONSE_DROP_WITH_ID)
+        if length is not None:  # the framing checked by the client, in one header
+            headers.append(("Content-Length", str(length)))
         headers.append((REQUEST_ID, request_id))
         small = (
             length is not None and length <= SMALL_BODY and answer_has_body(request.method, status)
@@ -383,8 +418,8 @@ class Proxy:
         try:
             if small:
                 # A small body of known length: read whole and answered in one write. The
-                # headers (the ERP's Content-Length and Content-Encoding among them) go out
-                # as they came.
+                # headers (Content-Encoding among them) go out as they came, with the
+                # broker's own Content-Length.
                 data = await upstream.read()
             else:
                 # The length as the ERP announced it; without one (chunked, or until the ERP

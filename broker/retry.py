@@ -12,6 +12,8 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRAC
 RATE_LIMITED = "rate_limited"
 GATEWAY_TIMEOUT = "gateway_timeout"
 AUTH = "auth"
+#: A pooled connection the ERP had closed while idle: it never saw the request.
+STALE_CONNECTION = "stale_connection"
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:

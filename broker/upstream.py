@@ -99,6 +99,7 @@ class Connector:
             limit=CONNECTION_LIMIT,
             connect_timeout=config.timeout,
             read_timeout=config.timeout,
+            keepalive_timeout=config.keepalive_timeout,
         )
         self._clock = clock
         #: The config the credentials come from (replaced when a secret file changes).

@@ -22,6 +22,27 @@ CREATE TABLE IF NOT EXISTS blobs
 """
 
 
+def _make_private_dirs(directory: Path) -> None:
+    """Create every missing level of ``directory`` 0700, whatever the umask.
+
+    ``Path.mkdir(parents=True, mode=0o700)`` gives the mode to the last level only: under
+    umask 0 its parents would be world-writable, and anyone on the host could swap the
+    directory that holds the token store. Levels that exist are left as they are.
+    """
+    missing: list[Path] = []
+    while not directory.exists():
+        missing.append(directory)
+        if directory.parent == directory:
+            break
+        directory = directory.parent
+    for level in reversed(missing):
+        try:
+            level.mkdir(mode=0o700)
+        except FileExistsError:
+            continue  # created meanwhile by someone else: not ours to change
+        os.chmod(level, 0o700)  # the umask may have taken bits off mkdir's mode
+
+
 class SqliteStore:
     """Tokens in a SQLite file. Every save is committed (fsynced) before it returns."""
 
@@ -41,8 +62,7 @@ class SqliteStore:
         """Create or open the file (0600, directory 0700 if we create it) and check the key."""
         file = Path(path)
         try:
-            if not file.parent.exists():
-                file.parent.mkdir(mode=0o700, parents=True)
+            _make_private_dirs(file.parent)
             # Create the file private before SQLite opens it; SQLite keeps the mode.
             fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o600)
             os.close(fd)

@@ -30,6 +30,7 @@ from broker.http1 import (
     MAX_HEAD,
     InvalidHeader,
     Pool,
+    StaleConnection,
     UpstreamClosed,
     UpstreamProtocolError,
     UpstreamReadTimeout,
@@ -960,7 +961,7 @@ class TestBodilessAnswers:
 
     async def test_head(self) -> None:
         """The answer to HEAD is its head: an empty body despite its Content-Length; the
-        connection is not reused (documented: llhttp would wait for the announced body)."""
+        connection carries the next request."""
         answer = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
         async with (
             asyncio.timeout(LIMIT),
@@ -972,10 +973,9 @@ class TestBodilessAnswers:
             assert await response.read() == b""
             assert [piece async for piece in response.iter_any()] == []
             response.release()
-            assert pool.open_connections == 0
-            await server.peers[0].eof.wait()
+            assert (pool.open_connections, pool.idle_connections) == (1, 1)
             assert await get(pool) == b"ok"
-        assert server.accepted == 2
+        assert server.accepted == 1
 
 
 # -- a pooled connection found closed --------------------------------------------------------
@@ -998,22 +998,27 @@ def closing_after_one_answer() -> Handler:
 
 
 class TestStaleConnection:
-    """A request on a pooled connection the server had closed is sent again on a fresh one
-    only when that is safe: idempotent method, body that can be sent again."""
+    """A request on a pooled connection the server had closed before any byte of the answer
+    raises StaleConnection, never sent again here (the proxy's send loop decides); a fresh
+    connection is asked for with ``fresh=True``."""
 
     @pytest.mark.parametrize(
         ("method", "body"),
         [("GET", None), ("HEAD", None), ("DELETE", None), ("PUT", b"data"), ("OPTIONS", None)],
     )
-    async def test_replayed(self, method: str, body: bytes | None) -> None:
-        """The server sees the request twice, on two connections; the client the answer."""
+    async def test_stale_then_fresh(self, method: str, body: bytes | None) -> None:
+        """StaleConnection, the request sent once; sent again with fresh=True, it goes on a
+        new connection and is answered."""
         async with (
             asyncio.timeout(LIMIT),
             Server(closing_after_one_answer()) as server,
             pool_to(server) as pool,
         ):
             assert await get(pool, "/first") == b"ok"
-            response = await pool.request(method, "/again", [("X-A", "1")], body)
+            with pytest.raises(StaleConnection):
+                await pool.request(method, "/again", [("X-A", "1")], body)
+            assert server.accepted == 1
+            response = await pool.request(method, "/again", [("X-A", "1")], body, fresh=True)
             assert response.status == 200
             if method != "HEAD":
                 assert await response.read() == b"ok"
@@ -1034,8 +1039,8 @@ class TestStaleConnection:
             ("GET", "stream"),
         ],
     )
-    async def test_not_replayed(self, method: str, body: bytes | str | None) -> None:
-        """POST and PATCH, or a streamed body, are never sent twice: UpstreamClosed."""
+    async def test_never_sent_twice(self, method: str, body: bytes | str | None) -> None:
+        """Whatever the method or body, the pool sends nothing twice: StaleConnection."""
         async with (
             asyncio.timeout(LIMIT),
             Server(closing_after_one_answer()) as server,
@@ -1044,22 +1049,23 @@ class TestStaleConnection:
             assert await get(pool, "/first") == b"ok"
             payload = chunks(b"da", b"ta") if body == "stream" else body
             assert not isinstance(payload, str)
-            with pytest.raises(UpstreamClosed):
+            with pytest.raises(StaleConnection):
                 await pool.request(method, "/again", [], payload)
             assert pool.open_connections == 0
         assert server.accepted == 1
         assert [n for n, _ in server.requests] == [1, 1]
 
-    async def test_fresh_connection_not_replayed(self) -> None:
-        """A new connection closed before its answer is an error even for GET: the server
-        may have seen the request."""
+    async def test_fresh_connection_is_not_stale(self) -> None:
+        """A new connection closed before its answer is UpstreamClosed, not stale: the
+        server may have seen the request."""
 
         async def handle(peer: Peer) -> None:
             await peer.request()
 
         async with asyncio.timeout(LIMIT), Server(handle) as server, pool_to(server) as pool:
-            with pytest.raises(UpstreamClosed):
+            with pytest.raises(UpstreamClosed) as caught:
                 await pool.request("GET", "/", [])
+            assert not isinstance(caught.value, StaleConnection)
         assert server.accepted == 1
 
     async def test_closed_after_part_of_the_answer_not_replayed(self) -> None:
@@ -1073,19 +1079,22 @@ class TestStaleConnection:
 
         async with asyncio.timeout(LIMIT), Server(handle) as server, pool_to(server) as pool:
             assert await get(pool) == b"ok"
-            with pytest.raises(UpstreamClosed):
+            with pytest.raises(UpstreamClosed) as caught:
                 await pool.request("GET", "/", [])
+            assert not isinstance(caught.value, StaleConnection)
         assert server.accepted == 1
 
-    async def test_replay_within_the_limit(self) -> None:
-        """With limit=1, the replay's fresh connection takes the stale one's place."""
+    async def test_fresh_within_the_limit(self) -> None:
+        """With limit=1, a fresh connection takes an idle one's place."""
         async with (
             asyncio.timeout(LIMIT),
-            Server(closing_after_one_answer()) as server,
+            Server(replying(OK)) as server,
             pool_to(server, limit=1) as pool,
         ):
             assert await get(pool) == b"ok"
-            assert await get(pool) == b"ok"
+            response = await pool.request("GET", "/", [], fresh=True)
+            assert await response.read() == b"ok"
+            response.release()
             assert pool.open_connections == 1
         assert server.accepted == 2
 
@@ -1235,6 +1244,16 @@ class TestMalformed:
             b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            # framing the client will not guess at, protocols that are not HTTP/1.x
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: xchunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunkedx\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nok",
+            b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: identity\r\n\r\n",
+            b"RTSP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            b"ICE/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            b"HTTP/2.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            b"HTTP/1.1 100 Continue\r\n\r\nRTSP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
         ],
     )
     async def test_malformed_head(self, answer: bytes) -> None:
