@@ -32,8 +32,8 @@ from pydantic import (
 )
 
 from .errors import ConfigError
-from .redis_url import check_redis_url
 from .http1 import KEEPALIVE_TIMEOUT
+from .redis_url import check_redis_url
 from .secrets import MASK, Secret
 
 DEFAULT_CONFIG_PATH = "./config/broker.yaml"
