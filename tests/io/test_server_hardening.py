@@ -22,12 +22,9 @@ from broker.server import (
 
 from .test_server import (
     LIMIT,
-    Client,
-    Reads,
     assert_refused,
     echo_path,
     get,
-    reads,  # noqa: F401  (a fixture)
     serving,
     until,
 )
@@ -40,7 +37,7 @@ SHORT = 0.3
 
 
 class TestTimeouts:
-    async def test_slow_head_is_408(self, reads: Reads) -> None:
+    async def test_slow_head_is_408(self) -> None:
         """A head that does not end within ``header`` seconds: JSON 408 ``request_timeout``,
         the connection closed; the handler never runs."""
 
@@ -53,9 +50,8 @@ class TestTimeouts:
         ):
             client = await served.connect()
             start = b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: "
-            await client.send(start)
-            await reads.reach(len(start))
             began = asyncio.get_running_loop().time()
+            await client.send(start)
             assert_refused(await client.response(), 408, "request_timeout")
             assert await client.rest() == b""
             assert asyncio.get_running_loop().time() - began >= SHORT * 0.9
@@ -247,9 +243,7 @@ class TestLingeringClose:
             serving(handle, timeouts=Timeouts(lingering=SHORT)) as served,
         ):
             client = await served.connect()
-            await client.send(
-                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\nabc"
-            )
+            await client.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\nabc")
             assert (await client.response()).status == 413
             assert await client.rest() == b""
             await until(lambda: not served.server.connections)
@@ -262,9 +256,26 @@ class TestRequestShape:
     @pytest.mark.parametrize(
         "method",
         [
-            "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "MERGE",
-            "PROPFIND", "PROPPATCH", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK", "REPORT",
-            "SEARCH", "PURGE", "QUERY",
+            "GET",
+            "HEAD",
+            "POST",
+            "PUT",
+            "PATCH",
+            "DELETE",
+            "OPTIONS",
+            "TRACE",
+            "MERGE",
+            "PROPFIND",
+            "PROPPATCH",
+            "MKCOL",
+            "COPY",
+            "MOVE",
+            "LOCK",
+            "UNLOCK",
+            "REPORT",
+            "SEARCH",
+            "PURGE",
+            "QUERY",
         ],
     )
     async def test_known_methods_pass(self, method: str) -> None:
@@ -355,7 +366,15 @@ class TestRequestShape:
             get("/", b"".join(b"X-%d: %s\r\n" % (n, b"v" * 1000) for n in range(60))),
             get("/", b"X-Big: " + b"b" * (MAX_FIELD_SIZE - 5) + b"\r\n"),
         ],
-        ids=["http10-no-host", "name-port", "ipv6", "ipv4", "empty-host", "60k-head", "one-8k-field"],
+        ids=[
+            "http10-no-host",
+            "name-port",
+            "ipv6",
+            "ipv4",
+            "empty-host",
+            "60k-head",
+            "one-8k-field",
+        ],
     )
     async def test_accepted(self, request_bytes: bytes) -> None:
         """What stays legal: HTTP/1.0 without Host, every form of host, a large head under
