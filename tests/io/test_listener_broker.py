@@ -46,8 +46,17 @@ class TestClientGone:
 class TestClientTimeoutsConfig:
     def test_defaults_and_overrides(self) -> None:
         """``client_timeouts`` defaults to nginx's 60 s each; a key given replaces one."""
-        base: dict[str, Any] = {"connectors": {"x": {"type": "ifs_pso", "base_url": "https://e",
-                                                    "account_id": "a", "username": "u", "password": "p"}}}
+        base: dict[str, Any] = {
+            "connectors": {
+                "x": {
+                    "type": "ifs_pso",
+                    "base_url": "https://e",
+                    "account_id": "a",
+                    "username": "u",
+                    "password": "p",
+                }
+            }
+        }
         timeouts = parse_config(base).client_timeouts
         assert (timeouts.header, timeouts.body, timeouts.write) == (60, 60, 60)
         timeouts = parse_config({**base, "client_timeouts": {"body": 5}}).client_timeouts
