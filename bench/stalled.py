@@ -74,21 +74,36 @@ class Stalled:
                 self.writer.transport.abort()
 
 
+async def closed_by_broker(client: Stalled) -> bool:
+    """Whether the broker has closed this client's connection: read what it sent (the
+    non-reading ones too, now) until the end, a reset, or 2 s of it still open."""
+    if client.reader is None or client.writer is None:
+        return True
+    client.writer.transport.resume_reading()
+    try:
+        async with asyncio.timeout(2):
+            while await client.reader.read(1 << 20):
+                pass
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 async def phase(port: int, rate: float, duration: float, stalled: int) -> dict[str, Any]:
     stop = asyncio.Event()
     clients = [Stalled(KINDS[n % len(KINDS)]) for n in range(stalled)]
     tasks = [asyncio.create_task(c.run(port, stop)) for c in clients]
     await asyncio.sleep(1.0 if stalled else 0)  # let them connect and stall
     result = await run_rate(f"http://127.0.0.1:{port}/origin/small", rate, duration, [], 8)
-    closed = {kind: 0 for kind in KINDS}
-    for client in clients:
-        if client.reader is not None and client.reader.at_eof():
-            client.closed_by_peer = True
+    gone = await asyncio.gather(*(closed_by_broker(c) for c in clients))
     stop.set()
     if tasks:
         await asyncio.wait(tasks, timeout=10)
-    for client in clients:
-        closed[client.kind] += client.closed_by_peer
+    closed = {kind: 0 for kind in KINDS}
+    for client, was_closed in zip(clients, gone, strict=True):
+        closed[client.kind] += was_closed or client.closed_by_peer
     result["stalled_closed_by_broker"] = closed if stalled else {}
     return result
 
