@@ -46,9 +46,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import math
 import re
+import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -91,6 +94,8 @@ LINGERING = "lingering"
 CLOSED = "closed"
 
 _NEVER = math.inf
+#: SO_LINGER on, 0 s: closing resets the connection.
+_RESET = struct.pack("ii", 1, 0)
 #: A ``Host`` value: a reg-name or IPv4 address, or an IP literal, and an optional port.
 _HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?")
 
@@ -771,10 +776,16 @@ class _Connection(Reading, asyncio.Protocol):
             self.transport.close()
 
     def abort(self) -> None:
+        """Close at once with a reset: what waits to be written is dropped, by the kernel too
+        (a plain close would leave it there, to a client that never reads it)."""
         self.closed = True
         self.our_state = CLOSED
         self.write_deadline = _NEVER
         if self.transport is not None:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
             self.transport.abort()
 
     @property

@@ -249,6 +249,23 @@ def assert_refused(answer: Answer, status: int, code: str) -> None:
     assert answer.json()["error"]["code"] == code
 
 
+async def refused_unhandled(request_bytes: bytes, status: int, code: str) -> None:
+    """``request_bytes`` get the JSON refusal ``status``/``code`` and the connection closes;
+    the handler never runs."""
+    calls: list[Request] = []
+
+    async def handle(request: Request) -> Response:
+        calls.append(request)
+        return Response(200)
+
+    async with asyncio.timeout(LIMIT), serving(handle) as served:
+        client = await served.connect()
+        await client.send(request_bytes)
+        assert_refused(await client.response(), status, code)
+        assert await client.rest() == b""
+    assert calls == []
+
+
 # -- keep-alive ----------------------------------------------------------------------------------
 
 
@@ -797,18 +814,7 @@ class TestErrors:
     async def test_parser_refusal_is_400(self, request_bytes: bytes) -> None:
         """What llhttp refuses gets a JSON 400 with ``Connection: close``, the connection
         closes, and the handler never runs."""
-        calls: list[Request] = []
-
-        async def handle(request: Request) -> Response:
-            calls.append(request)
-            return Response(200)
-
-        async with asyncio.timeout(LIMIT), serving(handle) as served:
-            client = await served.connect()
-            await client.send(request_bytes)
-            assert_refused(await client.response(), 400, "bad_request")
-            assert await client.rest() == b""
-        assert calls == []
+        await refused_unhandled(request_bytes, 400, "bad_request")
 
     @pytest.mark.parametrize(
         ("request_bytes", "status", "code"),

@@ -25,12 +25,15 @@ from .test_server import (
     assert_refused,
     echo_path,
     get,
+    refused_unhandled,
     serving,
     until,
 )
 
 #: Short timeouts for the timeouts under test; the others stay long.
 SHORT = 0.3
+#: ``tcpi_state`` of a connection that was reset (linux/tcp_states.h).
+TCP_CLOSE = 7
 
 
 # -- timeouts ----------------------------------------------------------------------------------
@@ -105,7 +108,7 @@ class TestTimeouts:
     async def test_client_that_reads_nothing_is_cut_off(self) -> None:
         """A streamed answer to a client that reads nothing: after ``write`` seconds waiting
         to write, the connection is cut off, the handler stopped (cancelled, as when a client
-        goes away) and the request marked ``client_gone``."""
+        goes away), the request marked ``client_gone`` and the connection reset."""
         failures: list[BaseException] = []
         gone: list[bool] = []
         piece = b"x" * 65536
@@ -130,6 +133,9 @@ class TestTimeouts:
             await client.send(get())
             await until(lambda: bool(failures))
             await until(lambda: not served.server.connections)
+            # Reset, not closed: the kernel drops what waited for the client too.
+            tcp_state = client.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+            assert tcp_state == TCP_CLOSE
         assert gone == [True]
 
 
@@ -181,23 +187,14 @@ class TestUpgradeBody:
     async def test_refused(self, framing: bytes) -> None:
         """An Upgrade request with a body (llhttp would skip the body): JSON 400, never
         handled, never forwarded without its body; the body never parsed as a request."""
-        calls: list[Request] = []
-
-        async def handle(request: Request) -> Response:
-            calls.append(request)
-            return Response(200)
-
-        async with asyncio.timeout(LIMIT), serving(handle) as served:
-            client = await served.connect()
-            await client.send(
-                b"POST /up HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
-                + framing
-                + b"\r\n"
-                + get("/smuggled")
-            )
-            assert_refused(await client.response(), 400, "bad_request")
-            assert await client.rest() == b""
-        assert calls == []
+        await refused_unhandled(
+            b"POST /up HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+            + framing
+            + b"\r\n"
+            + get("/smuggled"),
+            400,
+            "bad_request",
+        )
 
 
 # -- lingering close ---------------------------------------------------------------------------
@@ -342,18 +339,7 @@ class TestRequestShape:
     )
     async def test_refused(self, request_bytes: bytes, status: int, code: str) -> None:
         """Refused with the status and code the README lists; never handled; closed."""
-        calls: list[Request] = []
-
-        async def handle(request: Request) -> Response:
-            calls.append(request)
-            return Response(200)
-
-        async with asyncio.timeout(LIMIT), serving(handle) as served:
-            client = await served.connect()
-            await client.send(request_bytes)
-            assert_refused(await client.response(), status, code)
-            assert await client.rest() == b""
-        assert calls == []
+        await refused_unhandled(request_bytes, status, code)
 
     @pytest.mark.parametrize(
         "request_bytes",
