@@ -87,9 +87,11 @@ def closed_by_broker(client: Stalled) -> bool:
     return bool(state != TCP_ESTABLISHED)
 
 
-async def phase(port: int, rate: float, duration: float, stalled: int) -> dict[str, Any]:
+async def phase(
+    port: int, rate: float, duration: float, stalled: int, kinds: tuple[str, ...] = KINDS
+) -> dict[str, Any]:
     stop = asyncio.Event()
-    clients = [Stalled(KINDS[n % len(KINDS)]) for n in range(stalled)]
+    clients = [Stalled(kinds[n % len(kinds)]) for n in range(stalled)]
     tasks = [asyncio.create_task(c.run(port, stop)) for c in clients]
     await asyncio.sleep(1.0 if stalled else 0)  # let them connect and stall
     result = await run_rate(f"http://127.0.0.1:{port}/origin/small", rate, duration, [], 8)
@@ -110,10 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=15.0)
     parser.add_argument("--rate", type=float, default=300.0)
     parser.add_argument("--timeout", type=float, help="client_timeouts for the broker (s)")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="which stalled clients")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
-    if not 0 < args.duration <= 120 or not 0 <= args.stalled <= 2000:
-        parser.error("--duration in (0, 120], --stalled in [0, 2000]")
+    kinds = tuple(args.kinds.split(","))
+    if not 0 < args.duration <= 120 or not 0 <= args.stalled <= 2000 or set(kinds) - set(KINDS):
+        parser.error(f"--duration in (0, 120], --stalled in [0, 2000], --kinds of {KINDS}")
     missing = [tool for tool in ("nginx", "taskset") if shutil.which(tool) is None]
     if missing:
         raise SystemExit(f"missing tools: {', '.join(missing)}")
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             proc.reset_peak()
             report["rss_before_mib"] = round(proc.rss_mib(), 1)
             report["with_stalled"] = asyncio.run(
-                phase(port, args.rate, args.duration, args.stalled)
+                phase(port, args.rate, args.duration, args.stalled, kinds)
             )
             report["rss_after_mib"] = round(proc.rss_mib(), 1)
             report["rss_peak_mib"] = round(proc.peak_mib(), 1)
@@ -160,7 +164,7 @@ def render(report: dict[str, Any], args: argparse.Namespace) -> str:
     timeouts = f"{args.timeout:g} s" if args.timeout else "defaults (60 s)"
     return "\n".join(
         [
-            f"{args.stalled} stalled clients, {args.rate:g} req/s of GET /small for "
+            f"{args.stalled} stalled clients ({args.kinds}), {args.rate:g} req/s of GET /small for "
             f"{args.duration:g} s per phase, client_timeouts {timeouts}",
             "",
             "| phase | req/s | p50 ms | p99 ms | max ms | statuses | errors |",
