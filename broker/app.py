@@ -16,13 +16,14 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from .answers import refusal_answer
 from .config import Config
 from .errors import BrokerError
 from .memory import give_back_memory
 from .metrics import Metrics
 from .proxy import Proxy
 from .reload import watch_credentials
-from .server import Server
+from .server import Server, Timeouts
 from .stores import open_store
 from .tokens import LocalCoordinator
 from .types import Clock, Coordinator, TokenStore
@@ -163,7 +164,12 @@ class BrokerServer:
         assert broker.proxy is not None
         config = broker.config
         try:
-            self._proxy_server = Server(broker.proxy.handle)
+            timeouts = config.client_timeouts
+            self._proxy_server = Server(
+                broker.proxy.handle,
+                refusal=refusal_answer,
+                timeouts=Timeouts(timeouts.header, timeouts.body, timeouts.write),
+            )
             host, port = config.listen_address
             try:
                 self.proxy_port = await self._proxy_server.listen(host, port)

@@ -386,6 +386,14 @@ class StoreConfig(_Model):
         return self.sqlite or DEFAULT_SQLITE_PATH
 
 
+class ClientTimeouts(_Model):
+    """Seconds the proxy listener waits for the app (nginx's defaults)."""
+
+    header: float = Field(default=60.0, gt=0, description="for a request's head, then 408")
+    body: float = Field(default=60.0, gt=0, description="between two body pieces, then 408")
+    write: float = Field(default=60.0, gt=0, description="for an app that reads nothing")
+
+
 class Config(_Model):
     listen: str = DEFAULT_LISTEN
     admin_listen: str = DEFAULT_ADMIN_LISTEN
@@ -399,6 +407,8 @@ class Config(_Model):
     #: Seconds between re-reads of the config's secret files (0: never). A rotated password
     #: in a mounted Secret is picked up without a restart.
     credentials_reload_interval: float = Field(default=10.0, ge=0)
+    #: The proxy listener's timeouts towards the app.
+    client_timeouts: ClientTimeouts = ClientTimeouts()
     #: Where the config came from, for messages; not a YAML key.
     source: str = Field(default="<memory>", exclude=True)
 

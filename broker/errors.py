@@ -134,7 +134,7 @@ def error_payload(code: str, message: str, connector: str | None = None) -> dict
 
 def error_response(error: ProxyError) -> web.Response:
     """The one mapping from a broker error to an HTTP response (aiohttp's, for the admin
-    listener; the proxy listener's is :func:`broker.server.error_answer`)."""
+    listener; the proxy listener's is :func:`broker.answers.error_answer`)."""
     body = error_payload(error.code, error.message, error.connector)
     return web.Response(
         status=error.status,

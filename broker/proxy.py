@@ -20,6 +20,7 @@ from urllib.parse import unquote
 import structlog
 from multidict import CIMultiDict
 
+from .answers import error_answer
 from .errors import (
     BadRequest,
     NoRoute,
@@ -41,7 +42,7 @@ from .retry import (
     parse_retry_after,
     should_retry,
 )
-from .server import BodyReader, Request, Response, error_answer
+from .server import BodyReader, Refusal, Request, Response
 from .upstream import Connector
 
 log = structlog.get_logger("broker.proxy")
@@ -82,13 +83,14 @@ def new_request_id() -> str:
 
 
 def has_dot_segment(path: str) -> bool:
-    """True if any segment is ``.`` or ``..`` once decoded, however many times encoded."""
+    """True if any segment is ``.`` or ``..`` once decoded, however many times encoded,
+    with path parameters too (``..;x``: Tomcat, Jetty and WebLogic take it for ``..``)."""
     if "." not in path and "%" not in path:
         return False  # no dot, and nothing that could decode to one
     for _ in range(4):
         # Backslashes are separators to some servers (IIS); treat them as such.
         for segment in re.split(r"[/\\]", path):
-            if segment in (".", ".."):
+            if segment.partition(";")[0] in (".", ".."):
                 return True
         decoded = unquote(path)
         if decoded == path:
@@ -237,12 +239,18 @@ class Proxy:
                 if request.started:
                     # The answer's head is out (the ERP broke off its body): the app learns
                     # of it by the connection closing, which the listener does quietly.
+                    status = exc.status
                     raise ConnectionAbortedError(exc.message) from None
                 response = error_answer(exc)
                 response.headers.append((REQUEST_ID, request_id))
                 status = response.status
             return response
+        except Refusal as refused:  # the listener refuses the body (stalled: 408)
+            status = refused.status
+            raise
         finally:
+            if request.client_gone:
+                status = 499  # nginx's "client closed request": never the broker's error
             self.inflight -= 1
             if self.inflight == 0:
                 self.idle.set()
