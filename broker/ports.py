@@ -33,9 +33,7 @@ def reserve(host: str, port: int, key: str) -> socket.socket | None:
     try:
         return _bind(host, port)
     except OSError as exc:
-        raise BrokerError(
-            f"{key}: cannot listen on {host}:{port}: {exc.strerror or exc}"
-        ) from None
+        raise BrokerError(f"{key}: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def is_free(host: str, port: int) -> bool:
