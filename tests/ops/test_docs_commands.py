@@ -23,6 +23,7 @@ from broker.cli import build_parser
 from broker.config import load_config
 
 from .support import DOCKERFILE, K8S, ROOT, load_yaml, load_yaml_docs
+from .test_manifests import config_strings
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), K8S / "redis" / "README.md"]
 #: What a documented command may start with; anything new must be classified here.
@@ -182,14 +183,6 @@ class TestImage:
         assert images == {broker_image()}
 
 
-def _strings(node: Any) -> list[str]:
-    if isinstance(node, dict):
-        return [s for value in node.values() for s in _strings(value)]
-    if isinstance(node, list):
-        return [s for value in node for s in _strings(value)]
-    return [node] if isinstance(node, str) else []
-
-
 def load_yaml_docs_text(text: str) -> list[dict[str, Any]]:
     import yaml
 
@@ -210,7 +203,7 @@ class TestDockerRun:
             mounts = {target: source for source, target in pairs}
             config_src = mounts["/etc/erp-broker/broker.yaml"].replace("$PWD", str(ROOT))
             text = Path(config_src).read_text()
-            values = " ".join(_strings(load_yaml(Path(config_src))))
+            values = " ".join(config_strings(load_yaml(Path(config_src))))
             env_refs = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", values))
             assert env_refs <= set(options.get("-e", [])), command
             assert "/secrets" in mounts, command
