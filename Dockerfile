@@ -1,8 +1,13 @@
 # erp-broker container image.
 #
-#   docker build -t erp-broker:0.1.0 .
-#   docker run --read-only --tmpfs /tmp -p 127.0.0.1:9090:9090 \
-#     -v "$PWD/config/broker.yaml:/etc/erp-broker/broker.yaml:ro" erp-broker:0.1.0
+#   docker build -t ghcr.io/example/erp-broker:0.1.0 .
+#   docker run --rm --read-only --tmpfs /tmp -p 127.0.0.1:8080:8080 -p 127.0.0.1:9090:9090 \
+#     -v "$PWD/config/broker.yaml:/etc/erp-broker/broker.yaml:ro" -v "$PWD/secrets:/secrets:ro" \
+#     -e IFS_CLIENT_ID -e IFS_USER \
+#     ghcr.io/example/erp-broker:0.1.0 --listen 0.0.0.0:8080 --admin-listen 0.0.0.0:9090
+#
+# Arguments after the image go to `erp-broker run`; inside a container it must listen on
+# 0.0.0.0 for a published port to reach it (docs/operations.md, "The image").
 #
 # The builder stage makes a wheel of this project and installs it, with its dependencies, into a
 # virtualenv at /opt/erp-broker; the final stage copies only that virtualenv onto the same slim

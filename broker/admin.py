@@ -16,7 +16,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .errors import NoRoute, ProxyError, error_response
+from .errors import NoRoute, ProxyError, error_payload, error_response
 from .page import StatusPage
 
 if TYPE_CHECKING:
@@ -46,6 +46,29 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except ProxyError as exc:
         return error_response(exc)
+    except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
+        return _http_error(request, exc)
+
+
+def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """aiohttp's own 404/405 in the broker's JSON error shape."""
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        code, message = "method_not_allowed", f"{request.method} is not allowed here: {allowed}"
+        headers = {"Allow": allowed}
+    else:
+        code, message, headers = "not_found", f"no admin endpoint at {request.path[:200]}", {}
+    return web.Response(
+        status=exc.status,
+        body=orjson.dumps(error_payload(code, message)),
+        content_type="application/json",
+        headers={"X-Broker-Error": code, **headers},
+    )
+
+
+async def _server_header(_request: web.Request, response: web.StreamResponse) -> None:
+    """`Server: erp-broker`, not the framework's name and version."""
+    response.headers["Server"] = "erp-broker"
 
 
 def _require_operator(request: web.Request, bearer: str | None = None) -> None:
@@ -177,6 +200,7 @@ async def quit_(request: web.Request) -> web.Response:
 
 def admin_app(server: BrokerServer) -> web.Application:
     app = web.Application(middlewares=[_errors])
+    app.on_response_prepare.append(_server_header)
     app[SERVER] = server
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -21,6 +21,7 @@ from .config import Config
 from .errors import BrokerError
 from .memory import give_back_memory
 from .metrics import Metrics
+from .ports import reserve
 from .proxy import Proxy
 from .reload import watch_credentials
 from .server import Server, Timeouts
@@ -157,6 +158,18 @@ class BrokerServer:
         return f"http://{_url_host(host)}:{self.admin_port}"
 
     async def start(self) -> None:
+        config = self.broker.config
+        # Both addresses are held before any login, so that a port clash fails at once.
+        held = [reserve(*config.listen_address, "listen")]
+        try:
+            held.append(reserve(*config.admin_address, "admin_listen"))
+            await self._start()
+        finally:
+            for sock in held:
+                if sock is not None:
+                    sock.close()
+
+    async def _start(self) -> None:
         from .admin import admin_app
 
         broker = self.broker

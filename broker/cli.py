@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .config import Config, config_path, load_config
+from .config import Config, config_path, config_warnings, load_config
 from .crypto import Codec
 from .errors import BrokerError, ConfigError, StoreError
 from .logs import configure_logging
@@ -33,7 +33,13 @@ def _print_problems(problems: list[str]) -> None:
 
 def _load(args: argparse.Namespace) -> Config:
     path = config_path(args.config)
-    config = load_config(path)
+    # `run --listen/--admin-listen`: a container listens on 0.0.0.0 without its own config.
+    overrides = {
+        key: value
+        for key in ("listen", "admin_listen")
+        if (value := getattr(args, f"override_{key}", None)) is not None
+    }
+    config = load_config(path, overrides)
     Codec(config.store.encryption_key, config.store.previous_encryption_keys)  # key is valid
     return config
 
@@ -65,12 +71,14 @@ async def _serve(config: Config) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args)
+    _print_problems([f"warning: {line}" for line in config_warnings(config)])
     _setup_logging(args, config)
     return _run_async(_serve(config))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args)
+    _print_problems([f"warning: {line}" for line in config_warnings(config)])
     print(f"# {config.source}: OK ({len(config.connectors)} connectors); secrets masked")
     print(yaml.safe_dump(config.redacted(), sort_keys=False), end="")
     for name, connector in config.connectors.items():
@@ -93,7 +101,8 @@ def cmd_test_connection(args: argparse.Namespace) -> int:
     if not args.all and not args.name:
         print("test-connection: name a connector or pass --all", file=sys.stderr)
         return EXIT_USAGE
-    return _run_async(test_connection(config, None if args.all else args.name, args.format))
+    name = None if args.all else args.name
+    return _run_async(test_connection(config, name, args.format, args.verbose))
 
 
 def cmd_discover(args: argparse.Namespace) -> int:
@@ -104,10 +113,20 @@ def cmd_discover(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import DemoPortError, run_demo
 
+    if args.config is not None:
+        print(
+            "demo: -c/--config is not used: the demo writes a config of its own and names it",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     configure_logging(args.log_level or "warning", args.log_format or "auto", stream=sys.stderr)
-    return _run_async(run_demo(args.listen, args.admin_listen))
+    try:
+        return _run_async(run_demo(args.listen, args.admin_listen))
+    except DemoPortError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    command("run", cmd_run, "run the broker until SIGTERM/SIGINT")
+    p = command("run", cmd_run, "run the broker until SIGTERM/SIGINT")
+    p.add_argument(
+        "--listen",
+        dest="override_listen",
+        metavar="HOST:PORT",
+        help="proxy listener instead of the config's listen (e.g. 0.0.0.0:8080 in a container)",
+    )
+    p.add_argument(
+        "--admin-listen",
+        dest="override_admin_listen",
+        metavar="HOST:PORT",
+        help="admin listener instead of the config's admin_listen",
+    )
     command("check", cmd_check, "validate the config and print it with secrets masked")
     p = command(
         "test-connection",
@@ -142,7 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="connector name")
     p.add_argument("--all", action="store_true", help="test every connector")
     p.add_argument("--format", choices=["text", "json"], default="text")
-    p.add_argument("-v", "--verbose", action="store_true", help="log token events to stdout")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show each step: token endpoint and status, token lifetime, the check call",
+    )
     p = command(
         "discover", cmd_discover, "list an IFS Apps 10 instance's projections and operations"
     )
@@ -153,8 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("status", cmd_status, "show the connectors of the running broker (admin_listen)")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p = command("demo", cmd_demo, "run simulators of all three ERPs and a broker wired to them")
-    p.add_argument("--listen", default="127.0.0.1:8080", help="proxy listener (host:port)")
-    p.add_argument("--admin-listen", default="127.0.0.1:9090", help="admin listener (host:port)")
+    p.add_argument(
+        "--listen", help="proxy listener (host:port; default 127.0.0.1:8080, else a free port)"
+    )
+    p.add_argument(
+        "--admin-listen",
+        help="admin listener (host:port; default 127.0.0.1:9090, else a free port)",
+    )
     return parser
 
 

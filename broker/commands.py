@@ -60,12 +60,15 @@ async def status(config: Config, fmt: str) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED
+    # Scripts and `kubectl exec` checks rely on the exit code: 0 only when every connector is up.
+    down = {name: info for name, info in data.items() if info.get("token_state") != "valid"}
+    code = EXIT_FAILED if down else EXIT_OK
     if fmt == "json":
         print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
-        return EXIT_OK
+        return code
     now = time.time()
     rows = [
-        ["CONNECTOR", "TYPE", "ROUTE", "UPSTREAM", "TOKEN", "EXPIRES", "LAST REFRESH", "LAST ERROR"]
+        ["CONNECTOR", "TYPE", "ROUTE", "UPSTREAM", "TOKEN", "EXPIRES", "LAST REFRESH", "UP"]
     ]
     for name, info in data.items():
         rows.append(
@@ -77,11 +80,17 @@ async def status(config: Config, fmt: str) -> int:
                 info.get("token_state", "-"),
                 _age(info.get("expires_at"), now),
                 _age(info.get("last_refresh"), now),
-                (info.get("last_error") or "-")[:60],
+                "no" if name in down else "yes",
             ]
         )
     print(render_table(rows))
-    return EXIT_OK
+    # The whole cause, hint included: never cut to fit a column.
+    for name, info in data.items():
+        if info.get("last_error"):
+            print(f"{name}: last error: {info['last_error']}")
+    if down:
+        print(f"not up: {', '.join(sorted(down))}", file=sys.stderr)
+    return code
 
 
 def _unknown(config: Config, name: str, command: str) -> int:
@@ -93,7 +102,9 @@ def _unknown(config: Config, name: str, command: str) -> int:
     return EXIT_USAGE
 
 
-async def test_connection(config: Config, name: str | None, fmt: str) -> int:
+async def test_connection(
+    config: Config, name: str | None, fmt: str, verbose: bool = False
+) -> int:
     """``erp-broker test-connection NAME|--all``: a fresh login and the ERP's check endpoint."""
     from .probe import probe
 
@@ -112,6 +123,9 @@ async def test_connection(config: Config, name: str | None, fmt: str) -> int:
                 print(f"warning: {result.connector}: {warning}", file=sys.stderr)
             mark = "ok  " if result.ok else "FAIL"
             print(f"{mark}  {result.connector.ljust(width)}  {result.message}")
+            if verbose:
+                for step in result.steps:
+                    print(f"      {' ' * width}  {step}")
     return EXIT_OK if ok else EXIT_FAILED
 
 

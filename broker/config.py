@@ -24,8 +24,12 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
     ValidationError,
+    ValidatorFunctionWrapHandler,
     WithJsonSchema,
+    WrapValidator,
     field_serializer,
     field_validator,
     model_validator,
@@ -53,6 +57,18 @@ PSO_SESSION_PATH = "IFSSchedulingRESTfulGateway/api/v1/scheduling/session"
 INFOR_CHECK_PATH = "ifsservice/usermgt/v2/users/me"
 
 _REFERENCE = re.compile(r"\$\{(?P<body>[^}]*)\}")
+
+#: Cross-field checks. The models raise them; when another problem in the same place keeps a
+#: model's own check from running, the loader reports them from the raw data (one run, every
+#: problem).
+NEED_LOCATION = "set domain (a hostname) or base_url (a full URL)"
+NEED_REALM = "set realm (the Keycloak realm) or token_url"
+NEED_ONE_IONAPI = "set exactly one of ionapi_file (a path) or ionapi (its JSON)"
+SAME_LISTEN = "listen and admin_listen must differ"
+
+
+def _same_route(first: str, second: str, route: str) -> str:
+    return f"connectors {first} and {second} both use route {route}"
 
 
 def _to_secret(value: Any) -> Any:
@@ -200,7 +216,7 @@ class ConnectorBase(_Model):
 
     def _require_location(self) -> None:
         if not self.domain and not self.base_url:
-            raise ValueError("set domain (a hostname) or base_url (a full URL)")
+            raise ValueError(NEED_LOCATION)
 
 
 class IfsApps10Config(ConnectorBase):
@@ -220,7 +236,7 @@ class IfsApps10Config(ConnectorBase):
     def _check(self) -> IfsApps10Config:
         self._require_location()
         if not self.realm and not self.token_url:
-            raise ValueError("set realm (the Keycloak realm) or token_url")
+            raise ValueError(NEED_REALM)
         return self
 
     def resolved_token_url(self) -> str:
@@ -278,6 +294,8 @@ class IonApi(_Model):
     oa: str | None = None
     ev: str | None = None
     v: str | None = None
+    #: The file it was read from, if any: what `check` shows instead of the content.
+    _path: str | None = PrivateAttr(default=None)
 
     @staticmethod
     def join(base: str, path: str) -> str:
@@ -318,9 +336,17 @@ def _read_ionapi(value: Any) -> Any:
     return folded
 
 
+def _read_ionapi_file(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """As :func:`_read_ionapi`, remembering the path the content came from."""
+    ion = handler(_read_ionapi(value))
+    if isinstance(ion, IonApi) and isinstance(value, str) and not value.strip().startswith("{"):
+        ion._path = value
+    return ion
+
+
 class InforIonConfig(ConnectorBase):
     type: Literal["infor_ion"]
-    ionapi_file: Annotated[IonApi | None, BeforeValidator(_read_ionapi)] = None
+    ionapi_file: Annotated[IonApi | None, WrapValidator(_read_ionapi_file)] = None
     ionapi: Annotated[IonApi | None, BeforeValidator(_read_ionapi)] = None
     tenant_in_path: bool = True
     grant_keepalive_days: float = Field(default=25.0, gt=0)
@@ -329,8 +355,12 @@ class InforIonConfig(ConnectorBase):
     @model_validator(mode="after")
     def _check(self) -> InforIonConfig:
         if (self.ionapi_file is None) == (self.ionapi is None):
-            raise ValueError("set exactly one of ionapi_file (a path) or ionapi (its JSON)")
+            raise ValueError(NEED_ONE_IONAPI)
         return self
+
+    @field_serializer("ionapi_file", mode="wrap")
+    def _show_ionapi_path(self, value: IonApi | None, nxt: SerializerFunctionWrapHandler) -> Any:
+        return value._path if value is not None and value._path else nxt(value)
 
     @property
     def ion(self) -> IonApi:
@@ -434,10 +464,10 @@ class Config(_Model):
         for name in self.connectors:
             route = self.route_of(name)
             if route in seen:
-                raise ValueError(f"connectors {seen[route]} and {name} both use route {route}")
+                raise ValueError(_same_route(seen[route], name, route))
             seen[route] = name
         if self.listen_address == self.admin_address and self.listen_address[1] != 0:
-            raise ValueError("listen and admin_listen must differ")
+            raise ValueError(SAME_LISTEN)
         return self
 
     def route_of(self, name: str) -> str:
@@ -511,7 +541,11 @@ def _resolve_string(text: str, env: Mapping[str, str]) -> str:
             raise ValueError(f"environment variable {body} is empty")
         return env[body]
 
-    return _REFERENCE.sub(replace, text)
+    resolved = _REFERENCE.sub(replace, text)
+    if "${" in _REFERENCE.sub("", text):
+        # Taken literally, it would become part of a password: say so instead.
+        raise ValueError("a reference is not closed: write ${NAME} or ${file:/path}, with the '}'")
+    return resolved
 
 
 def _walk(node: Any, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
@@ -570,33 +604,107 @@ def _problem_text(error: Mapping[str, Any]) -> str:
     return message
 
 
+def _blocked_checks(data: Mapping[str, Any], failed: set[str]) -> list[tuple[str, str]]:
+    """The cross-field checks a model could not make because another problem in it stopped
+    its validation first, made on the raw data: every problem is reported in one run.
+
+    ``failed`` holds the key paths already reported; a check whose own keys failed is skipped.
+    """
+
+    def failed_under(prefix: str) -> bool:
+        return any(path == prefix or path.startswith(prefix + ".") for path in failed)
+
+    problems: list[tuple[str, str]] = []
+    connectors = data.get("connectors")
+    routes: dict[str, str] = {}
+    if isinstance(connectors, Mapping):
+        for name, raw in connectors.items():
+            where = f"connectors.{name}"
+            if not isinstance(raw, Mapping):
+                continue
+            route = raw.get("route") or name
+            if isinstance(route, str) and f"{where}.route" not in failed:
+                routes[str(name)] = "/" + route.strip("/") + "/"
+            if not failed_under(where) or where in failed:
+                continue  # the model's own checks ran, or it failed as a whole
+            kind = raw.get("type")
+            if kind in ("ifs_apps10", "ifs_pso") and not raw.get("domain"):
+                if not raw.get("base_url"):
+                    problems.append((where, NEED_LOCATION))
+            if kind == "ifs_apps10" and not raw.get("realm") and not raw.get("token_url"):
+                problems.append((where, NEED_REALM))
+            if kind == "infor_ion" and ("ionapi_file" in raw) == ("ionapi" in raw):
+                problems.append((where, NEED_ONE_IONAPI))
+    if failed and "(top level)" not in failed:  # Config's own checks did not run
+        seen: dict[str, str] = {}
+        for name, route in routes.items():
+            if route in seen:
+                problems.append(("connectors", _same_route(seen[route], name, route)))
+            seen.setdefault(route, name)
+        listen, admin = data.get("listen"), data.get("admin_listen")
+        if isinstance(listen, str) and listen == admin and not listen.endswith(":0"):
+            problems.append(("(top level)", SAME_LISTEN))
+    return problems
+
+
 def parse_config(
-    data: Any, source: str = "<memory>", env: Mapping[str, str] | None = None
+    data: Any,
+    source: str = "<memory>",
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> Config:
-    """Validate already-parsed YAML data (references are resolved here)."""
+    """Validate already-parsed YAML data (references are resolved here).
+
+    ``overrides`` replace top-level keys (the command line's ``--listen``, say).
+    """
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the top level must be a mapping of keys"])
+    data.update(overrides or {})
     data, ref_problems = resolve_references(data, env)
     problems = [f"{source}: {path}: {text}" for path, text in ref_problems]
     failed_paths = {path for path, _ in ref_problems}
     try:
         config = Config.model_validate({**data, "source": source})
     except ValidationError as exc:
+        reported = set(failed_paths)
         for error in exc.errors(include_input=False, include_url=False):
             where = _location(error["loc"]) or "(top level)"
+            reported.add(where)
             # A reference that could not be resolved is reported once, as such.
             if where in failed_paths:
                 continue
             problems.append(f"{source}: {where}: {_problem_text(error)}")
+        for where, text in _blocked_checks(data, reported):
+            problems.append(f"{source}: {where}: {text}")
         raise ConfigError(problems) from None
     if problems:
         raise ConfigError(problems)
     return config
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
+def config_warnings(config: Config) -> list[str]:
+    """Settings that are valid but do not all take effect: one line each, naming the winner."""
+    warnings = []
+    for name, connector in config.connectors.items():
+        where = f"{config.source}: connectors.{name}"
+        if connector.domain and connector.base_url:
+            warnings.append(
+                f"{where}: both domain and base_url are set: base_url wins "
+                f"({connector.base_url}); domain is ignored"
+            )
+        if isinstance(connector, IfsApps10Config) and connector.realm and connector.token_url:
+            warnings.append(
+                f"{where}: both realm and token_url are set: token_url wins "
+                f"({connector.token_url}); realm is ignored"
+            )
+    return warnings
+
+
+def load_config(
+    path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None
+) -> Config:
     """Read, resolve and validate the YAML config at ``path``."""
     source = str(path)
     try:
@@ -610,4 +718,4 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError([f"{source}: {where}{problem}"]) from None
-    return parse_config(data, source)
+    return parse_config(data, source, overrides=overrides)

@@ -23,9 +23,12 @@ from .upstream import ssl_context
 
 
 @contextlib.asynccontextmanager
-async def direct_session(config: ConnectorConfig) -> AsyncIterator[aiohttp.ClientSession]:
+async def direct_session(
+    config: ConnectorConfig, *, trace_configs: list[aiohttp.TraceConfig] | None = None
+) -> AsyncIterator[aiohttp.ClientSession]:
     """A short-lived session to one ERP with the connector's TLS settings and timeout."""
     session = aiohttp.ClientSession(
+        trace_configs=trace_configs,
         connector=aiohttp.TCPConnector(ssl=ssl_context(config)),
         cookie_jar=aiohttp.DummyCookieJar(),
         timeout=aiohttp.ClientTimeout(

@@ -20,6 +20,7 @@ from .config import INFOR_CHECK_PATH, ConnectorConfig, IfsApps10Config, IfsPsoCo
 from .connectors import build_authenticator
 from .direct import FreshCredentials, direct_session
 from .errors import CredentialsRejected, TokenError
+from .tokens import Token
 
 LOGIN, CHECK = "login", "check"
 
@@ -51,6 +52,8 @@ class ProbeResult:
     check_status: int | None = None
     check_ms: float | None = None
     warnings: list[str] = field(default_factory=list)
+    #: What was done, one line per step (`test-connection -v`): URLs and statuses, no secret.
+    steps: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -67,6 +70,7 @@ class ProbeResult:
                 "ms": self.check_ms,
             },
             "warnings": self.warnings,
+            "steps": self.steps,
         }
 
 
@@ -92,13 +96,46 @@ def _check_failure(config: ConnectorConfig, status: int) -> str:
     return what
 
 
+def _tracer(result: ProbeResult, phase: list[str]) -> aiohttp.TraceConfig:
+    """Records every HTTP exchange of a probe as a step (the URL without its query), named
+    after ``phase[0]``."""
+    trace = aiohttp.TraceConfig()
+
+    async def ended(
+        _session: aiohttp.ClientSession, _ctx: Any, params: aiohttp.TraceRequestEndParams
+    ) -> None:
+        url = params.url.with_query(None)
+        result.steps.append(f"{phase[0]}: {params.method} {url} -> {params.response.status}")
+
+    async def failed(
+        _session: aiohttp.ClientSession, _ctx: Any, params: aiohttp.TraceRequestExceptionParams
+    ) -> None:
+        url = params.url.with_query(None)
+        error = type(params.exception).__name__
+        result.steps.append(f"{phase[0]}: {params.method} {url} -> {error}")
+
+    trace.on_request_end.append(ended)
+    trace.on_request_exception.append(failed)
+    return trace
+
+
+def _lifetime(token: Token) -> str:
+    if token.expires_at is None:
+        return "token: no lifetime given"
+    lifetime = token.expires_at - token.obtained_at
+    refresh = "with" if token.refresh else "without"
+    source = token.lifetime_source
+    return f"token: lifetime {lifetime:.0f}s (from {source}), {refresh} refresh token"
+
+
 async def probe(name: str, config: ConnectorConfig) -> ProbeResult:
     """Log in afresh, call the check endpoint, give back what was obtained."""
     url = check_url(config)
     result = ProbeResult(name, config.type, False, LOGIN, "", url)
     if not config.tls_verify:
         result.warnings.append(f"tls_verify is false: {URL(url).host}'s certificate is not checked")
-    async with direct_session(config) as session:
+    phase = [LOGIN]
+    async with direct_session(config, trace_configs=[_tracer(result, phase)]) as session:
         authenticator = build_authenticator(config, session, time.time)
         credentials = FreshCredentials(authenticator, timeout=config.token_timeout)
         try:
@@ -112,7 +149,8 @@ async def probe(name: str, config: ConnectorConfig) -> ProbeResult:
                 result.message = f"login failed: {exc}"
                 return result
             result.token_ms = round((time.perf_counter() - started) * 1000, 1)
-            result.stage = CHECK
+            result.steps.append(_lifetime(token))
+            result.stage = phase[0] = CHECK
             headers: CIMultiDict[str] = CIMultiDict({"Accept": "application/json"})
             authenticator.apply(headers, token)
             started = time.perf_counter()
@@ -147,4 +185,5 @@ async def probe(name: str, config: ConnectorConfig) -> ProbeResult:
             )
             return result
         finally:
+            phase[0] = "logout"
             await credentials.close()

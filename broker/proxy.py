@@ -190,7 +190,7 @@ class Router:
             if path.startswith(prefix):
                 return connector, path[len(prefix) :]
             if path == prefix[:-1]:
-                return connector, ""
+                return None  # /ifs is not /ifs/: never forwarded, a 404 no_route
         return None
 
 

@@ -638,6 +638,15 @@ class TokenManager:
             due = min(due, token.obtained_at + self._policy.keepalive - now)
         return due
 
+    def _background_reason(self) -> str:
+        """Why the background loop asks for a token: the first login is not a refresh."""
+        token = self._current
+        if token is None:
+            return "startup" if self.last_refresh is None else "none"
+        if token is self._rejected:
+            return "rejected"
+        return "expired" if token.expired(self._clock()) else "refresh_ahead"
+
     async def _keep_fresh(self) -> None:
         while True:
             self._changed.clear()
@@ -649,7 +658,7 @@ class TokenManager:
                         await self._changed.wait()
                 continue
             try:
-                await self._wait_for_new(reason="refresh_ahead", background=True)
+                await self._wait_for_new(reason=self._background_reason(), background=True)
             except (AuthFailed, ConnectorUnavailable):
                 pass  # state, logs and metrics were updated where it failed
             except Exception as exc:  # never let the loop die

@@ -1,7 +1,7 @@
 """Simulators of the three ERPs, for the tests and for ``erp-broker demo``.
 
 Each is a real aiohttp server (``await sim.start()`` → ``sim.url``), faithful to
-``erp-protocols.md`` and with switches for the faults a broker must survive; the shared
+``docs/protocols.md`` and with switches for the faults a broker must survive; the shared
 machinery and routes are described in :mod:`broker.sandbox.base`.
 """
 
