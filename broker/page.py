@@ -16,7 +16,7 @@ import contextlib
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from html import escape
@@ -186,7 +186,7 @@ class StatusPage:
         self,
         request: web.Request,
         action: str,
-        run: Callable[[Connector], Any],
+        run: Callable[[Connector], Awaitable[Banner]],
     ) -> web.StreamResponse:
         refusal = cross_site(request)
         if refusal is not None:
@@ -203,7 +203,7 @@ class StatusPage:
         connector = self.server.broker.connectors.get(name)
         if connector is None:
             return self._page(Banner(False, f"no connector named {name!r}"), status=404)
-        banner: Banner = await run(connector)
+        banner = await run(connector)
         key = secrets.token_urlsafe(9)
         self.results[key] = banner
         while len(self.results) > RESULTS_KEPT:

@@ -226,7 +226,8 @@ class TestStatusPage:
         tmp_path: Path,
     ) -> None:
         """Pressing "Refresh credential" gets a new credential: the page comes back with a
-        result banner and a later expiry. "Test connection" shows the probe's outcome."""
+        result banner and a later expiry. "Test connection" shows the probe's outcome. The
+        expiry counts down in the page, and the page reloads itself."""
         ifs = await start_sim(IfsApps10Sim())
         infor = await start_sim(InforIonSim())
         connectors = {"ifs": ifs_connector(ifs, ca_file), "infor": infor_connector(infor, ca_file)}
@@ -246,8 +247,13 @@ class TestStatusPage:
             assert after > before
 
             await page.act("infor", "test")
-            await page.wait_for("document.querySelector('.banner')")
+            await page.wait_for("document.querySelector('.banner')?.textContent.includes('infor')")
             assert "ok: infor: connection works" in await page.banner()
+
+            # Between reloads the countdown ticks; then the page reloads itself, banner gone.
+            shown = (await page.cards())["ifs"]["expiry_text"]
+            await page.wait_for(f"document.querySelector('.expiry').textContent != {shown!r}")
+            await page.wait_for("location.search === '' && !document.querySelector('.banner')")
         finally:
             await proc.kill()
 
