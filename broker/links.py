@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -39,6 +39,8 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 _ENCODINGS = frozenset({"gzip", "x-gzip", "deflate"})
 #: What may follow the base URL in a link: a path, a query, a fragment, or the string's end.
 _BOUNDARY_TEXT = "(?=[/?#]|$)"
+#: The same, for the plain spellings' check (lower-cased text).
+_BOUNDARIES = (b"/", b"?", b"#", b'"', b"\\/", b"\\u0023", b"\\u002f", b"\\u003f")
 _BOUNDARY_JSON = rb'(?=[/?#"]|\\/|\\u00(?:2[3Ff]|3[Ff]))'
 
 
@@ -124,6 +126,22 @@ class LinkRewriter:
         self.bodies = bodies
         self._text = _text_pattern(self.upstream_base)
         self._json, self._window = _json_pattern(self.upstream_base)
+        scheme = urlsplit(self.upstream_base).scheme.lower().encode()
+        #: Where a link can start, in the body lower-cased: a quote, the scheme, a colon.
+        self._needle = b'"' + scheme + b":"
+        #: Spellings that escape a character of the scheme: a piece with one is searched
+        #: with the whole pattern (slower; servers that write these are rare).
+        self._exotic = tuple(b'"' + scheme[:i] + b"\\u" for i in range(len(scheme) + 1))
+        #: The spellings without ``\u`` escapes (all slashes plain, or all ``\/``): quote and
+        #: authority lower-cased, the length of those, the path as it must be.
+        self._forms: list[tuple[bytes, int, bytes]] = []
+        for authority, path in _base_variants(self.upstream_base):
+            for slash in (b"/", b"\\/"):
+                head = b'"' + authority.lower().encode().replace(b"/", slash)
+                tail = path.encode().replace(b"/", slash)
+                self._forms.append((head + tail.lower(), len(head), tail))
+        self._shortest = min(len(form) for form, _, _ in self._forms)
+        self._heads = tuple(form for form, _, _ in self._forms)
 
     def broker_base(self, host: str | None) -> str:
         """The broker's URL for the route as the app reached it: ``http://<Host>/<route>``;
@@ -173,11 +191,28 @@ class LinkRewriter:
 class JsonLinks:
     """One JSON body's rewrite, piece by piece: :meth:`feed` each piece, then :meth:`end`."""
 
-    __slots__ = ("_backslashes", "_carry", "_inflater", "_pattern", "_replacement", "_window")
+    __slots__ = (
+        "_backslashes",
+        "_carry",
+        "_exotic",
+        "_forms",
+        "_heads",
+        "_inflater",
+        "_needle",
+        "_pattern",
+        "_replacement",
+        "_shortest",
+        "_window",
+    )
 
     def __init__(self, links: LinkRewriter, broker_base: str, encoding: str | None) -> None:
         self._pattern = links._json
         self._window = links._window
+        self._needle = links._needle
+        self._exotic = links._exotic
+        self._forms = links._forms
+        self._heads = links._heads
+        self._shortest = links._shortest
         self._replacement = b'"' + broker_base.encode("ascii")
         #: Bytes held back: they may be the start of a link the next piece completes.
         self._carry = b""
@@ -241,27 +276,74 @@ class JsonLinks:
     def _replace(self, data: bytes | memoryview, cut: int) -> bytes | memoryview:
         """``data[:cut]`` with its links rewritten (``data`` holds every byte a link that
         starts before ``cut`` can span)."""
-        pieces: list[bytes | memoryview] = []
+        whole = bytes(data)
+        lowered = whole.lower()  # scheme and host are matched in any case
+        if any(spelling in lowered for spelling in self._exotic):
+            search = self._searcher()
+        elif self._needle in lowered:
+            search = self._finder(lowered)
+        else:
+            out = data if cut == len(data) else data[:cut]  # the usual piece: no link
+            self._backslashes = _ends_in_odd_run(out, self._backslashes)
+            return out
+        pieces: list[bytes] = []
         start = 0
-        search = self._pattern.search
-        while (match := search(data, start)) is not None:
-            begin = match.start()
+        while (span := search(whole, start)) is not None:
+            begin, end = span
             if begin >= cut:
                 break
-            if self._escaped(data, begin):
-                pieces.append(data[start : begin + 1])
+            if self._escaped(whole, begin):
+                pieces.append(whole[start : begin + 1])
                 start = begin + 1
                 continue
-            pieces.append(data[start:begin])
+            pieces.append(whole[start:begin])
             pieces.append(self._replacement)
-            start = match.end()
-        if start == 0:
-            out: bytes | memoryview = data if cut == len(data) else data[:cut]
-        else:
-            pieces.append(data[start:cut])
-            out = b"".join(pieces)
-        self._backslashes = _ends_in_odd_run(out, self._backslashes)
-        return out
+            start = end
+        pieces.append(whole[start:cut])
+        result = b"".join(pieces)
+        self._backslashes = _ends_in_odd_run(result, self._backslashes)
+        return result
+
+    def _searcher(self) -> Callable[[bytes, int], tuple[int, int] | None]:
+        """Any spelling: the whole pattern, searched."""
+        search = self._pattern.search
+
+        def spans(data: bytes, pos: int) -> tuple[int, int] | None:
+            found = search(data, pos)
+            return None if found is None else found.span()
+
+        return spans
+
+    def _finder(self, lowered: bytes) -> Callable[[bytes, int], tuple[int, int] | None]:
+        """The usual case: ``bytes.find`` for where a link may start and ``startswith`` for
+        the plain spellings, all in C; the pattern only where an escape may hide a link (a
+        spelling that differs from the plain ones has a backslash where it first does)."""
+        find, starts, needle = lowered.find, lowered.startswith, self._needle
+        match_at, forms, heads, shortest = (
+            self._pattern.match,
+            self._forms,
+            self._heads,
+            self._shortest,
+        )
+
+        def spans(data: bytes, pos: int) -> tuple[int, int] | None:
+            while (at := find(needle, pos)) >= 0:
+                if starts(heads, at):
+                    for form, authority, path in forms:
+                        end = at + len(form)
+                        if (
+                            starts(form, at)
+                            and data.startswith(path, at + authority)
+                            and starts(_BOUNDARIES, end)
+                        ):
+                            return at, end
+                if find(b"\\", at, at + shortest) >= 0:
+                    if (found := match_at(data, at)) is not None:
+                        return found.span()
+                pos = at + 1
+            return None
+
+        return spans
 
     def _escaped(self, data: bytes | memoryview, quote: int) -> bool:
         """Whether the quote at ``data[quote]`` follows an odd run of backslashes."""
