@@ -41,6 +41,7 @@ _ENCODINGS = frozenset({"gzip", "x-gzip", "deflate"})
 _BOUNDARY_TEXT = "(?=[/?#]|$)"
 #: The same, for the plain spellings' check (lower-cased text).
 _BOUNDARIES = (b"/", b"?", b"#", b'"', b"\\/", b"\\u0023", b"\\u002f", b"\\u003f")
+_PLAIN_BOUNDARIES = (b"/", b"?", b"#", b'"')
 _BOUNDARY_JSON = rb'(?=[/?#"]|\\/|\\u00(?:2[3Ff]|3[Ff]))'
 
 
@@ -142,6 +143,14 @@ class LinkRewriter:
                 self._forms.append((head + tail.lower(), len(head), tail))
         self._shortest = min(len(form) for form, _, _ in self._forms)
         self._heads = tuple(form for form, _, _ in self._forms)
+        # The bulk path (:meth:`JsonLinks._bulk`): links in their plain spelling, replaced
+        # with bytes.replace, once nothing in a piece can hide one or fake one.
+        longest = max(len(form) for form, _, _ in self._forms)
+        self._suspect = re.compile(self._needle + rb'[^"\\]{0,%d}\\' % (longest + 8))
+        self._escaped_needle = b"\\" + self._needle
+        self._spelled = [
+            form[:authority] + path for form, authority, path in self._forms if b"\\" not in form
+        ]
 
     def broker_base(self, host: str | None) -> str:
         """The broker's URL for the route as the app reached it: ``http://<Host>/<route>``;
@@ -198,10 +207,12 @@ class JsonLinks:
         "_forms",
         "_heads",
         "_inflater",
+        "_links",
         "_needle",
         "_pattern",
         "_replacement",
         "_shortest",
+        "_unsafe",
         "_window",
     )
 
@@ -209,11 +220,17 @@ class JsonLinks:
         self._pattern = links._json
         self._window = links._window
         self._needle = links._needle
+        self._links = links
         self._exotic = links._exotic
         self._forms = links._forms
         self._heads = links._heads
         self._shortest = links._shortest
-        self._replacement = b'"' + broker_base.encode("ascii")
+        self._replacement = replacement = b'"' + broker_base.encode("ascii")
+        # A replacement that is a spelling of the base, or the start of one (the broker on
+        # the ERP's own host and port), could be replaced again by the next bytes.replace.
+        self._unsafe = any(
+            replacement.startswith(s) or s.startswith(replacement) for s in links._spelled
+        )
         #: Bytes held back: they may be the start of a link the next piece completes.
         self._carry = b""
         #: Whether the bytes given out so far end in an odd run of backslashes.
@@ -281,6 +298,10 @@ class JsonLinks:
         if any(spelling in lowered for spelling in self._exotic):
             search = self._searcher()
         elif self._needle in lowered:
+            bulk = self._bulk(whole[:cut], lowered[:cut])
+            if bulk is not None:
+                self._backslashes = _ends_in_odd_run(bulk, self._backslashes)
+                return bulk
             search = self._finder(lowered)
         else:
             out = data if cut == len(data) else data[:cut]  # the usual piece: no link
@@ -303,6 +324,31 @@ class JsonLinks:
         result = b"".join(pieces)
         self._backslashes = _ends_in_odd_run(result, self._backslashes)
         return result
+
+    def _bulk(self, piece: bytes, lowered: bytes) -> bytes | None:
+        """``piece`` rewritten by bytes.replace (C speed), or None when the careful search is
+        needed: a backslash near a link's start (an escape, ``\\/``, an escaped quote), a
+        spelling in another case, or a base URL followed by something else."""
+        links = self._links
+        if (
+            links._suspect.search(lowered) is not None
+            or links._escaped_needle in lowered
+            or (self._backslashes and piece.startswith(b'"'))
+        ):
+            return None
+        starts = sum(lowered.count(head) for head in links._heads)
+        plans = []
+        for spelled in links._spelled:
+            if spelled in piece:
+                for boundary in _PLAIN_BOUNDARIES:
+                    found = piece.count(spelled + boundary)
+                    if found:
+                        plans.append((spelled + boundary, found, boundary))
+        if sum(found for _, found, _ in plans) != starts or self._unsafe:
+            return None
+        for text, _, boundary in plans:
+            piece = piece.replace(text, self._replacement + boundary)
+        return piece
 
     def _searcher(self) -> Callable[[bytes, int], tuple[int, int] | None]:
         """Any spelling: the whole pattern, searched."""

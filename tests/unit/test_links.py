@@ -237,6 +237,30 @@ class TestJsonBody:
         assert json.loads(out) == reference(document)
         assert out == body_links().whole(data)
 
+    @settings(max_examples=100, deadline=None)
+    @given(documents, st.lists(st.integers(0, 4000), max_size=10))
+    def test_random_documents_as_json_dumps_writes_them(
+        self, document: Any, cuts: list[int]
+    ) -> None:
+        """Without escapes the bulk path (bytes.replace) does the work: same result."""
+        data = json.dumps(document, ensure_ascii=False).encode()
+        cuts = [c % (len(data) + 1) for c in cuts]
+        out = split_run(body_links(), data, cuts)
+        assert json.loads(out) == reference(document)
+        assert out == body_links().whole(data)
+
+    def test_bulk_path_and_careful_path_agree(self) -> None:
+        """A plain OData page takes the bulk path; one odd spelling sends the piece to the
+        careful search; both give the reference rewrite."""
+        rows = [{"@odata.id": f"{BASE}/Set({n})", "x": "https://other/"} for n in range(50)]
+        for odd in ("", BASE.upper() + "/odd", BASE + "x"):
+            document = {"value": rows, "odd": odd}
+            data = json.dumps(document).encode()
+            links = body_links()
+            assert json.loads(links.whole(data)) == reference(document)
+            bulk = links._bulk(data, data.lower())
+            assert (bulk is not None) is (odd == ""), odd
+
     @settings(max_examples=60, deadline=None)
     @given(documents, st.integers(0, 2**32), st.sampled_from(["gzip", "deflate", "raw"]))
     def test_compressed_documents(self, document: Any, seed: int, kind: str) -> None:
