@@ -51,6 +51,7 @@ def demo_config(sandboxes: Sandboxes, listen: str, admin_listen: str, store: Pat
 def curl_lines(proxy: str, admin: str, sandboxes: Sandboxes) -> str:
     tenant = sandboxes.infor.tenant
     projection = "main/ifsapplications/projection/v1"
+    customers = f"{proxy}/ifs/{projection}/CustomerHandling.svc/CustomerInfoSet"
     return f"""
 erp-broker demo is running: three simulated ERPs behind one broker.
 
@@ -63,6 +64,8 @@ Try these (the broker adds the credential; you send none):
   curl -s '{proxy}/ifs/{projection}/AllProjections.svc/Projections'
   curl -s "{proxy}/ifs/{projection}/CustomerHandling.svc/CustomerInfoSet(CustomerId='10%2F7')"
   curl -s '{proxy}/ifs/{projection}/CustomerHandling.svc/CustomerInfoSet?$top=2'
+  # server-driven paging: follow @odata.nextLink, it leads back through the broker
+  curl -s -H 'Prefer: odata.maxpagesize=1' '{customers}'
 
   # IFS PSO (session token, apiKey header)
   curl -s '{proxy}/pso/IFSSchedulingRESTfulGateway/api/v1/scheduling/data'

@@ -148,6 +148,7 @@ class LinkRewriter:
         longest = max(len(form) for form, _, _ in self._forms)
         self._suspect = re.compile(self._needle + rb'[^"\\]{0,%d}\\' % (longest + 8))
         self._escaped_needle = b"\\" + self._needle
+        self._plain_heads = [head for head in self._heads if b"\\" not in head]
         self._spelled = [
             form[:authority] + path for form, authority, path in self._forms if b"\\" not in form
         ]
@@ -295,7 +296,7 @@ class JsonLinks:
         starts before ``cut`` can span)."""
         whole = bytes(data)
         lowered = whole.lower()  # scheme and host are matched in any case
-        if any(spelling in lowered for spelling in self._exotic):
+        if b"\\u" in lowered and any(spelling in lowered for spelling in self._exotic):
             search = self._searcher()
         elif self._needle in lowered:
             bulk = self._bulk(whole[:cut], lowered[:cut])
@@ -336,7 +337,7 @@ class JsonLinks:
             or (self._backslashes and piece.startswith(b'"'))
         ):
             return None
-        starts = sum(lowered.count(head) for head in links._heads)
+        starts = sum(lowered.count(head) for head in links._plain_heads)
         plans = []
         for spelled in links._spelled:
             if spelled in piece:
