@@ -149,6 +149,12 @@ class LinkRewriter:
         self._suspect = re.compile(self._needle + rb'[^"\\]{0,%d}\\' % (longest + 8))
         self._escaped_needle = b"\\" + self._needle
         self._plain_heads = [head for head in self._heads if b"\\" not in head]
+        #: The quote and authority of each spelling, when the base has a path.
+        self._authorities = (
+            [form[:authority] for form, authority, _ in self._forms if b"\\" not in form]
+            if urlsplit(self.upstream_base).path.strip("/")
+            else None
+        )
         self._spelled = [
             form[:authority] + path for form, authority, path in self._forms if b"\\" not in form
         ]
@@ -328,16 +334,26 @@ class JsonLinks:
 
     def _bulk(self, piece: bytes, lowered: bytes) -> bytes | None:
         """``piece`` rewritten by bytes.replace (C speed), or None when the careful search is
-        needed: a backslash near a link's start (an escape, ``\\/``, an escaped quote), a
-        spelling in another case, or a base URL followed by something else."""
+        needed: an escape that may hide a link (``\\u``, ``\\/``), an escaped quote before
+        one, a spelling in another case, or a base URL followed by something else.
+
+        Without ``\\u`` in the piece, JSON can escape no character of an authority; so a
+        link the counts below miss has ``:\\/`` after its scheme or ``\\/`` in the base's
+        path, and either shows as a difference of two counts."""
         links = self._links
+        needle = links._needle
         if (
-            links._suspect.search(lowered) is not None
+            (b"\\u" in lowered and links._suspect.search(lowered) is not None)
+            or lowered.count(needle) != lowered.count(needle + b"//")
             or links._escaped_needle in lowered
             or (self._backslashes and piece.startswith(b'"'))
         ):
             return None
         starts = sum(lowered.count(head) for head in links._plain_heads)
+        if links._authorities is not None and starts != sum(
+            lowered.count(head) for head in links._authorities
+        ):
+            return None  # the base's authority with another path, or its path escaped
         plans = []
         for spelled in links._spelled:
             if spelled in piece:
