@@ -186,6 +186,7 @@ async def openapi(request: web.Request) -> web.Response:
         request.app[SERVER].broker.store,
         auth_statuses=target.auth_statuses,
         before_send=target.wait_turn,
+        broker_url=request.app[SERVER].proxy_url,
     )
     result = await discovery.run(projection, refresh=refresh)
     failed = projection is not None and bool(result.failed)

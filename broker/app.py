@@ -221,6 +221,11 @@ class BrokerServer:
         log.info("broker_stopped")
 
 
+def listen_url(host: str, port: int) -> str:
+    """The proxy's URL for a listen address, as an app on this host reaches it."""
+    return f"http://{_url_host(host)}:{port}"
+
+
 def _url_host(host: str) -> str:
     if host in ("0.0.0.0", ""):
         return "127.0.0.1"

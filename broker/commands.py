@@ -136,6 +136,7 @@ async def discover(
 
     Runs from the config alone: a fresh login, and the documents cached in the config's store.
     """
+    from .app import listen_url
     from .config import IfsApps10Config
     from .connectors import build_authenticator
     from .direct import FreshCredentials, direct_session
@@ -172,6 +173,7 @@ async def discover(
                 authenticator.apply,
                 store,
                 auth_statuses=frozenset({401, *connector.auth_failure_statuses}),
+                broker_url=listen_url(*config.listen_address),
             )
             try:
                 result = await discovery.run(projection, refresh=refresh)

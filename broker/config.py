@@ -147,6 +147,8 @@ class ConnectorBase(_Model):
     default_token_lifetime: float = Field(default=300.0, gt=0)
     refresh_ahead: float | None = Field(default=None, ge=0)
     login_backoff: LoginBackoff = LoginBackoff()
+    #: JSON answers' ERP URLs rewritten to the broker's (headers' always are): see links.py.
+    rewrite_links: bool = False
 
     @field_validator("domain")
     @classmethod
@@ -231,6 +233,7 @@ class IfsApps10Config(ConnectorBase):
     test_path: str = f"{IFS_PROJECTION_BASE}/AllProjections.svc/Projections"
     projection_base: str = IFS_PROJECTION_BASE
     projections_path: str = f"{IFS_PROJECTION_BASE}/AllProjections.svc/Projections"
+    rewrite_links: bool = True  # OData answers carry the ERP's absolute URLs
 
     @model_validator(mode="after")
     def _check(self) -> IfsApps10Config:

@@ -102,12 +102,15 @@ def intro_lines(proxy: str, admin: str) -> list[str]:
 def curl_lines(proxy: str, admin: str, sandboxes: Sandboxes) -> list[str]:
     tenant = sandboxes.infor.tenant
     projection = "main/ifsapplications/projection/v1"
+    customers = f"{proxy}/ifs/{projection}/CustomerHandling.svc/CustomerInfoSet"
     return f"""Try these (the broker adds the credential; you send none):
 
   # IFS Applications 10 (OAuth2 on Keycloak, Bearer)
   curl -s '{proxy}/ifs/{projection}/AllProjections.svc/Projections'
   curl -s "{proxy}/ifs/{projection}/CustomerHandling.svc/CustomerInfoSet(CustomerId='10%2F7')"
   curl -s '{proxy}/ifs/{projection}/CustomerHandling.svc/CustomerInfoSet?$top=2'
+  # server-driven paging: follow @odata.nextLink, it leads back through the broker
+  curl -s -H 'Prefer: odata.maxpagesize=1' '{customers}'
 
   # IFS PSO (session token, apiKey header)
   curl -s '{proxy}/pso/IFSSchedulingRESTfulGateway/api/v1/scheduling/data'

@@ -106,6 +106,8 @@ class ProjectionApi:
     description: str
     service_path: str
     proxy_path: str
+    #: The service's URL through the broker: what an app developer pastes.
+    url: str = ""
     operations: list[Operation] = field(default_factory=list)
     openapi_version: str | None = None
     fetched_at: float | None = None
@@ -118,11 +120,14 @@ class ProjectionApi:
             "description": self.description,
             "service_path": self.service_path,
             "proxy_path": self.proxy_path,
+            "url": self.url,
             "openapi_version": self.openapi_version,
             "fetched_at": self.fetched_at,
             "cached": self.cached,
             "error": self.error,
-            "operations": [op.to_json() for op in self.operations],
+            "operations": [
+                {**op.to_json(), "url": self.url + op.path} for op in self.operations
+            ],
         }
 
 
@@ -132,6 +137,7 @@ class DiscoveryResult:
     base: str
     projections: list[ProjectionApi]
     listing_error: str | None = None
+    broker_url: str = ""
 
     @property
     def failed(self) -> list[ProjectionApi]:
@@ -141,6 +147,7 @@ class DiscoveryResult:
         return {
             "connector": self.connector,
             "upstream": self.base,
+            "broker": self.broker_url,
             "projection_count": len(self.projections),
             "operation_count": sum(len(p.operations) for p in self.projections),
             "failed": len(self.failed),
@@ -167,11 +174,14 @@ class Discovery:
         before_send: Callable[[], Awaitable[None]] | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
         clock: Clock = time.time,
+        broker_url: str = "",
     ) -> None:
         self.name = name
         self.config = config
         self.route = route
         self.base = config.upstream_base().rstrip("/")
+        #: The broker's proxy URL (``http://127.0.0.1:8080``): operations are shown under it.
+        self.broker_url = broker_url.rstrip("/")
         self._session = session
         self._credentials = credentials
         self._apply = apply
@@ -253,7 +263,8 @@ class Discovery:
 
     def _projection(self, name: str, description: str = "") -> ProjectionApi:
         service = f"{self.config.projection_base.strip('/')}/{quote(name, safe='')}.svc"
-        return ProjectionApi(name, description, service, f"{self.route}{service}")
+        proxy_path = f"{self.route}{service}"
+        return ProjectionApi(name, description, service, proxy_path, self.broker_url + proxy_path)
 
     async def list_projections(self) -> list[ProjectionApi]:
         """The projections the instance lists, sorted by name."""
@@ -296,7 +307,7 @@ class Discovery:
                 await self._fill(target, refresh)
 
         await asyncio.gather(*(fill(p) for p in targets))
-        return DiscoveryResult(self.name, self.base, targets, listing_error)
+        return DiscoveryResult(self.name, self.base, targets, listing_error, self.broker_url)
 
     async def _fill(self, target: ProjectionApi, refresh: bool) -> None:
         key = cache_key(self.name, target.name)
@@ -376,13 +387,13 @@ def render_table(result: DiscoveryResult) -> str:
         if projection.description:
             title += f" - {projection.description}"
         lines.append(title)
-        lines.append(f"  {projection.proxy_path}")
+        lines.append(f"  {projection.url}")
         if projection.error is not None:
             lines.append(f"  error: {projection.error}")
             lines.append("")
             continue
-        rows = [["METHOD", "PATH", "SUMMARY"]] + [
-            [op.method, op.path, op.summary] for op in projection.operations
+        rows = [["METHOD", "URL", "SUMMARY"]] + [
+            [op.method, projection.url + op.path, op.summary] for op in projection.operations
         ]
         widths = [max(len(row[i]) for row in rows) for i in range(2)]
         for row in rows:

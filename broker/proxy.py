@@ -31,6 +31,7 @@ from .errors import (
 from .flow import answer_has_body
 from .http1 import InvalidHeader, StaleConnection, UpstreamError
 from .http1 import Response as Upstream
+from .links import LinkRewriter
 from .logs import info_line
 from .retry import (
     AUTH,
@@ -362,7 +363,8 @@ class Proxy:
                         connector.metrics.backoff_seconds.labels(connector.name, reason).inc(wait)
                         await asyncio.sleep(wait)
                     continue
-            return await self._stream_back(request, upstream, request_id), status, attempts
+            answer = await self._stream_back(request, upstream, request_id, connector.links)
+            return answer, status, attempts
 
     async def _send(
         self,
@@ -412,7 +414,7 @@ class Proxy:
 
     @staticmethod
     async def _stream_back(
-        request: Request, upstream: Upstream, request_id: str
+        request: Request, upstream: Upstream, request_id: str, links: LinkRewriter | None = None
     ) -> Response | None:
         status = upstream.status
         length = upstream.content_length
@@ -420,6 +422,12 @@ class Proxy:
         if length is not None:  # the framing checked by the client, in one header
             headers.append(("Content-Length", str(length)))
         headers.append((REQUEST_ID, request_id))
+        # The ERP's URLs in Location (and in JSON bodies) lead back through the broker.
+        body_links = links.answer(
+            request.headers.get("Host"), headers, has_body=answer_has_body(request.method, status)
+        ) if links is not None else None
+        if body_links is not None and body_links.compressed:
+            length = None  # inflated as it streams, never whole in memory
         small = (
             length is not None and length <= SMALL_BODY and answer_has_body(request.method, status)
         )
@@ -429,11 +437,16 @@ class Proxy:
                 # headers (Content-Encoding among them) go out as they came, with the
                 # broker's own Content-Length.
                 data = await upstream.read()
+                if body_links is not None:
+                    data = body_links.whole(data)  # its new length is the one sent
             else:
                 # The length as the ERP announced it; without one (chunked, or until the ERP
                 # closed) the body is chunked to the app.
+                if body_links is not None:
+                    length = None  # rewritten as it streams: chunked
                 chunked = request.start(status, upstream.reason, headers, length=length)
-                async for chunk in upstream.iter_any():
+                chunks = upstream.iter_any()
+                async for chunk in chunks if body_links is None else body_links.stream(chunks):
                     await request.write(chunk, chunked)
                 request.write_eof(chunked)
         except TimeoutError:  # the ERP's (UpstreamReadTimeout); the app's are ConnectionErrors

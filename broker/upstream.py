@@ -14,6 +14,7 @@ from .config import ConnectorConfig, InforIonConfig, fingerprint
 from .connectors import build_authenticator
 from .errors import RateLimited
 from .http1 import Pool
+from .links import LinkRewriter
 from .metrics import ConnectorSeries, Metrics
 from .tokens import LocalCoordinator, TokenManager, TokenPolicy
 from .types import Authenticator, Clock, Coordinator, TokenStore
@@ -67,6 +68,7 @@ class Connector:
         self.host = base.host or ""
         #: The base URL's path as it goes on the wire, without its trailing slash.
         self.base_path = base.raw_path.rstrip("/")
+        self.links = LinkRewriter(self.base, route, bodies=config.rewrite_links)
         self.coordinator = coordinator
         self.metrics = metrics
         # Series exist from the start, so rate()/increase() see the first event too.

@@ -37,8 +37,11 @@ def openapi_calls(sim: IfsApps10Sim) -> list[str]:
     return [r.raw_path for r in sim.api_requests if r.raw_path.endswith("/$openapi")]
 
 
-def expected_operations(name: str) -> list[dict[str, Any]]:
-    return [op.to_json() for op in parse_operations(openapi_document(BY_NAME[name], "https://x", 3))]
+def expected_operations(name: str, broker_url: str) -> list[dict[str, Any]]:
+    """The operations as discovery lists them: each with its URL through the broker."""
+    service = f"{broker_url}/ifs/main/ifsapplications/projection/v1/{name}.svc"
+    document = openapi_document(BY_NAME[name], "https://x", 3)
+    return [{**op.to_json(), "url": service + op.path} for op in parse_operations(document)]
 
 
 class TestParsing:
@@ -80,8 +83,12 @@ class TestCommandLine:
         assert [p["name"] for p in first["projections"]] == sorted(p.name for p in PROJECTIONS)
         assert first["operation_count"] == 15 and first["failed"] == 0
         customer = first["projections"][0]
-        assert customer["operations"] == expected_operations("CustomerHandling")
+        # what an app developer pastes: the broker's URLs (the default listen address here)
+        assert customer["operations"] == expected_operations("CustomerHandling", "http://127.0.0.1:8080")
         assert customer["proxy_path"] == "/ifs/main/ifsapplications/projection/v1/CustomerHandling.svc"
+        assert customer["url"] == "http://127.0.0.1:8080" + customer["proxy_path"]
+        assert first["broker"] == "http://127.0.0.1:8080"
+        assert ifs_sim.url not in orjson.dumps(customer["operations"]).decode()
         assert customer["openapi_version"] == "openapi 3.0.1" and customer["cached"] is False
         assert len(openapi_calls(ifs_sim)) == 3
 
@@ -111,16 +118,18 @@ class TestCommandLine:
     async def test_table_for_one_projection(
         self, ifs_sim: IfsApps10Sim, ca_file: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """--projection P prints P's operations as a table: method, path, summary."""
+        """--projection P prints P's operations as a table: method, URL through the broker,
+        summary."""
         config = parse_config({"store": {"sqlite": str(tmp_path / "t.db")}, "connectors": {"ifs": ifs_connector(ifs_sim, ca_file)}})
         code = await commands.discover(config, "ifs", "WorkOrderHandling", "table", False)
         out = capsys.readouterr().out
         assert code == 0
         lines = out.splitlines()
         assert lines[0] == "WorkOrderHandling - Separate work orders: prepare, release and report"
-        assert lines[1] == "  /ifs/main/ifsapplications/projection/v1/WorkOrderHandling.svc"
-        assert lines[2].split() == ["METHOD", "PATH", "SUMMARY"]
-        assert lines[3].split(maxsplit=2) == ["GET", "/ActiveSeparateSet", "Get entities from ActiveSeparateSet"]
+        service = "http://127.0.0.1:8080/ifs/main/ifsapplications/projection/v1/WorkOrderHandling.svc"
+        assert lines[1] == f"  {service}"
+        assert lines[2].split() == ["METHOD", "URL", "SUMMARY"]
+        assert lines[3].split(maxsplit=2) == ["GET", f"{service}/ActiveSeparateSet", "Get entities from ActiveSeparateSet"]
         assert lines[-1] == "ifs: 1 projection, 5 operations (0 from cache)"
         assert openapi_calls(ifs_sim) == ["/main/ifsapplications/projection/v1/WorkOrderHandling.svc/$openapi"]
 
@@ -162,7 +171,8 @@ class TestAdminApi:
             assert resp.status == 200
             body = await resp.json()
         [only] = body["projections"]
-        assert only["cached"] is True and only["operations"] == expected_operations("CustomerHandling")
+        assert only["cached"] is True
+        assert only["operations"] == expected_operations("CustomerHandling", server.proxy_url)
         assert len(openapi_calls(ifs_sim)) == 3
 
         async with http.get(f"{server.admin_url}/connectors/ifs/openapi?refresh=1") as resp:

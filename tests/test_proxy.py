@@ -85,8 +85,12 @@ class TestFidelity:
             assert body["body_sha256"] == hashlib.sha256(payload).hexdigest()
             assert ["Content-Type", "application/json; odata.metadata=minimal"] in body["headers"]
 
-    async def test_gzip_passes_through_undecompressed(self, broker: BrokerServer, http: aiohttp.ClientSession) -> None:
-        """Content-Encoding is untouched: the app gets the ERP's gzip bytes."""
+    async def test_gzip_passes_through_undecompressed(
+        self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+    ) -> None:
+        """Content-Encoding is untouched when links are not rewritten (rewrite_links: false): the
+        app gets the ERP's gzip bytes. (With it, see tests/test_links.py.)"""
+        broker = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file, rewrite_links=False)})
         async with http.get(f"{broker.proxy_url}/ifs/_test/gzip", headers={"Accept-Encoding": "gzip"}) as resp:
             assert resp.headers["Content-Encoding"] == "gzip"
             raw = await resp.read()

@@ -53,6 +53,7 @@ from .base import (
     json_response,
     mint_jwt,
     oauth_error,
+    optional,
     token_response,
 )
 from .ifs_projections import (
@@ -60,8 +61,11 @@ from .ifs_projections import (
     PROJECTIONS,
     EntitySet,
     Projection,
+    key_predicate,
+    max_page_size,
     metadata_xml,
     openapi_document,
+    page_of,
     parse_key,
 )
 
@@ -83,6 +87,8 @@ class IfsApps10Sim(Simulator):
 
     settable: ClassVar[Mapping[str, Validator]] = {
         **Simulator.settable,
+        "page_size": optional(as_int),
+        "gzip": as_bool,
         "client_id": as_str,
         "client_secret": as_str,
         "username": as_str,
@@ -117,6 +123,11 @@ class IfsApps10Sim(Simulator):
         #: Keycloak's "Revoke Refresh Token": each refresh kills the refresh token it used.
         self.rotate_refresh = rotate_refresh
         self.omit_expires_in = omit_expires_in
+        #: Server-driven paging: at most this many entities per answer (``Prefer:
+        #: odata.maxpagesize`` lowers it per request), the rest behind ``@odata.nextLink``.
+        self.page_size: int | None = None
+        #: OData answers gzip-compressed when the client's Accept-Encoding allows it.
+        self.gzip = True
         self.user_id = str(uuid.uuid4())
         #: Entity data per (projection, entity set): POST / PATCH / DELETE change it.
         self.entities: dict[tuple[str, str], list[JSON]] = {
@@ -419,24 +430,46 @@ class IfsApps10Sim(Simulator):
                     400, "DATABASE_ERROR", f"The {entity_set.entity_type} already exists."
                 )
             rows.append(row)
-            return json_response(
+            created = json_response(
                 {"@odata.context": context + "/$entity", "@odata.etag": self._etag(row), **row}, 201
             )
+            created.headers["Location"] = self._entity_url(projection, entity_set, row)
+            return created
         if (problem := self._only_get(request)) is not None:
             return problem
-        selected = rows
-        if top := query.get("$top"):
-            try:
-                selected = selected[: int(top[0])]
-            except ValueError:
-                return odata_error(400, "ODP_INVALID_REQUEST", f"Invalid $top: {top[0]}")
+        prefer = max_page_size(request.headers.get("Prefer", ""))
+        sizes = [n for n in (self.page_size, prefer) if n is not None]
+        try:
+            page = page_of(rows, request.raw_path.partition("?")[2], min(sizes, default=None))
+        except ValueError as exc:
+            return odata_error(400, "ODP_INVALID_REQUEST", str(exc))
         fields = query["$select"][0].split(",") if "$select" in query else None
+        full = "odata.metadata=full" in request.headers.get("Accept", "").replace(" ", "")
         value = [
             {"@odata.etag": self._etag(row)}
+            | ({"@odata.id": self._entity_url(projection, entity_set, row)} if full else {})
             | {k: v for k, v in row.items() if fields is None or k in fields}
-            for row in selected
+            for row in page.rows
         ]
-        return json_response({"@odata.context": context, "value": value})
+        body: JSON = {"@odata.context": context, "value": value}
+        if page.next_query is not None:
+            next_url = f"{self._service_url(projection.name)}/{entity_set.name}"
+            body["@odata.nextLink"] = f"{next_url}?{page.next_query}"
+        answer = json_response(body)
+        if prefer is not None:
+            answer.headers["Preference-Applied"] = f"odata.maxpagesize={prefer}"
+        return self._compressed(request, answer)
+
+    def _entity_url(self, projection: Projection, entity_set: EntitySet, row: JSON) -> str:
+        service = self._service_url(projection.name)
+        return f"{service}/{entity_set.name}({key_predicate(entity_set, row)})"
+
+    def _compressed(self, request: web.Request, answer: web.Response) -> web.Response:
+        """gzip when the client accepts it, as IFS behind its web server does."""
+        accepted = request.headers.get("Accept-Encoding", "").lower()
+        if self.gzip and "gzip" in accepted:
+            answer.enable_compression(web.ContentCoding.gzip)
+        return answer
 
     def _entity(
         self,
@@ -466,7 +499,10 @@ class IfsApps10Sim(Simulator):
         if (problem := self._only_get(request)) is not None:
             return problem
         etag = self._etag(row)
-        return json_response(
-            {"@odata.context": context + "/$entity", "@odata.etag": etag, **row},
-            headers={"ETag": etag},
+        return self._compressed(
+            request,
+            json_response(
+                {"@odata.context": context + "/$entity", "@odata.etag": etag, **row},
+                headers={"ETag": etag},
+            ),
         )

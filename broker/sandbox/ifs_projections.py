@@ -347,3 +347,64 @@ def metadata_xml(projection: Projection) -> str:
         lines.append(f"<EntitySet Name={quoteattr(es.name)} EntityType={entity_type}/>")
     lines += ["</EntityContainer>", "</Schema>", "</edmx:DataServices>", "</edmx:Edmx>", ""]
     return "\n".join(lines)
+
+
+# -- what makes the ERP's URLs appear in answers ------------------------------------------------
+
+
+def key_predicate(entity_set: EntitySet, row: JSON) -> str:
+    """The key in a URL as IFS writes it: ``CustomerId='10%2F7'``, ``WoNo=1001``."""
+    parts = []
+    for key in entity_set.keys:
+        value = str(row[key])
+        if entity_set.edm_type(key) == "Edm.String":
+            value = "'" + urllib.parse.quote(value.replace("'", "''"), safe="") + "'"
+        parts.append(f"{key}={value}")
+    return ",".join(parts)
+
+
+def max_page_size(prefer: str) -> int | None:
+    """``odata.maxpagesize=n`` from a ``Prefer`` header (OData 4.0, 8.2.8.3), if any."""
+    for preference in prefer.split(","):
+        name, _, value = preference.strip().partition("=")
+        if name.strip().lower() == "odata.maxpagesize" and value.strip().isdigit():
+            return max(1, int(value.strip()))
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a collection and, when more follow, the query of the next page."""
+
+    rows: list[JSON]
+    next_query: str | None
+
+
+def page_of(rows: list[JSON], query_string: str, page_size: int | None) -> Page:
+    """Server-driven paging (OData 4.0, 11.2.5.7): ``$skip`` and ``$top`` pick the rows; at
+    most ``page_size`` of them per answer, the next page named by an opaque ``$skiptoken``
+    (here: the offset within the rows ``$skip``/``$top`` picked) added to the query as the
+    client sent it. Raises ValueError naming a bad option."""
+    query = urllib.parse.parse_qs(query_string, keep_blank_values=True)
+    skip = _count_option(query, "$skip") or 0
+    top = _count_option(query, "$top")
+    offset = _count_option(query, "$skiptoken") or 0
+    chosen = rows[skip:] if top is None else rows[skip : skip + top]
+    if page_size is None or offset + page_size >= len(chosen):
+        return Page(chosen[offset:], None)
+    kept = [
+        part
+        for part in query_string.split("&")
+        if part and urllib.parse.unquote(part.partition("=")[0]) != "$skiptoken"
+    ]
+    next_query = "&".join([*kept, f"$skiptoken={offset + page_size}"])
+    return Page(chosen[offset : offset + page_size], next_query)
+
+
+def _count_option(query: dict[str, list[str]], name: str) -> int | None:
+    values = query.get(name)
+    if not values:
+        return None
+    if not values[0].isdigit():
+        raise ValueError(f"Invalid {name}: {values[0]}")
+    return int(values[0])
