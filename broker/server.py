@@ -666,7 +666,6 @@ class _Connection(Reading, asyncio.Protocol):
         if (
             not request.keep_alive
             or self.server.closing
-            or self.their_state is MUST_CLOSE
             # The unread rest of the body cannot be skipped (see _serve): the connection
             # closes after this answer, and the client should know (RFC 9110, 10.1.1).
             or not _drainable(request)
