@@ -666,7 +666,6 @@ class _Connection(Reading, asyncio.Protocol):
         if (
             not request.keep_alive
             or self.server.closing
-            or self.their_state is MUST_CLOSE
             # The unread rest of the body cannot be skipped (see _serve): the connection
             # closes after this answer, and the client should know (RFC 9110, 10.1.1).
             or not _drainable(request)
@@ -819,11 +818,15 @@ def _valid_host(value: str) -> bool:
 
 
 def _check_coding(coding: str, version: str) -> None:
-    """``Transfer-Encoding``: chunked alone, on HTTP/1.1 only (llhttp parses ``gzip,
-    chunked`` as chunked, and the proxy would forward the coded body as plain)."""
+    """``Transfer-Encoding``: chunked alone, on HTTP/1.1 only (RFC 9112, 6.1: no length
+    without chunked last, 400; a coding not understood, 501). llhttp parses ``gzip,
+    chunked`` as chunked, and the proxy would forward the coded body as plain."""
     if version == "1.0":
         raise Refusal(400, "Transfer-Encoding is not allowed on an HTTP/1.0 request")
-    if coding.strip().lower() != "chunked":
+    codings = coding.lower().split(",")
+    if codings[-1].strip() != "chunked":
+        raise Refusal(400, "the request's Transfer-Encoding does not end with chunked")
+    if len(codings) > 1:
         raise Refusal(501, "only the chunked transfer coding is supported")
 
 

@@ -82,3 +82,29 @@ class TestClientTimeoutsConfig:
                 assert await client.rest() == b""
             finally:
                 client.close()
+
+    async def test_stalled_upload_is_408_in_the_log(
+        self, ifs_sim: IfsApps10Sim, make_broker: BrokerFactory, ca_file: str
+    ) -> None:
+        """An upload that stalls (``client_timeouts.body: 0.3``): the app gets the broker's
+        JSON 408, the access line and the request counter say 408, not 500."""
+        server = await make_broker(
+            {"ifs": ifs_connector(ifs_sim, ca_file)}, client_timeouts={"body": 0.3}
+        )
+        proxy = server.broker.proxy
+        assert proxy is not None
+        with capture_logs() as logs:
+            async with asyncio.timeout(LIMIT):
+                client = await Client.connect(server.proxy_port)
+                try:
+                    await client.send(
+                        b"POST /ifs/_test/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+                        + b"u" * 10
+                    )
+                    assert_refused(await client.response(), 408, "request_timeout")
+                finally:
+                    client.close()
+                await until(lambda: proxy.inflight == 0)
+        assert [line["status"] for line in logs if line["event"] == "request"] == [408]
+        labels = {"connector": "ifs", "method": "POST"}
+        assert metric(server, "erp_broker_requests_total", status="408", **labels) == 1

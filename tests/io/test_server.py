@@ -890,6 +890,7 @@ class TestErrors:
             await client.send(get("/1") + b"GET /2 HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n")
             answer = await client.response()
             assert (answer.status, answer.body) == (200, b"/1")
+            assert answer.get("Connection") is None  # a "close" here would forbid the refusal
             assert_refused(await client.response(), 400, "bad_request")
             assert await client.rest() == b""
         assert calls == ["/1"]

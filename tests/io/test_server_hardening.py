@@ -315,6 +315,11 @@ class TestRequestShape:
                 "not_implemented",
             ),
             (
+                b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+                400,
+                "bad_request",
+            ),
+            (
                 b"POST / HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
                 400,
                 "bad_request",
@@ -334,6 +339,7 @@ class TestRequestShape:
             "host-slash",
             "host-userinfo",
             "te-gzip-chunked",
+            "te-chunked-gzip",
             "te-on-http10",
         ],
     )
