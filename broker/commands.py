@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import sys
 import time
 from typing import Any
@@ -67,6 +68,7 @@ async def status(config: Config, fmt: str) -> int:
     rows = [
         ["CONNECTOR", "TYPE", "ROUTE", "UPSTREAM", "TOKEN", "EXPIRES", "LAST REFRESH", "LAST ERROR"]
     ]
+    rows[0].insert(-1, "CREDENTIALS EXPIRE")
     for name, info in data.items():
         rows.append(
             [
@@ -77,11 +79,24 @@ async def status(config: Config, fmt: str) -> int:
                 info.get("token_state", "-"),
                 _age(info.get("expires_at"), now),
                 _age(info.get("last_refresh"), now),
+                _credentials_expire(info.get("credentials_expire"), now),
                 (info.get("last_error") or "-")[:60],
             ]
         )
     print(render_table(rows))
     return EXIT_OK
+
+
+def _credentials_expire(day: str | None, now: float) -> str:
+    """``2027-01-31 (in 58d)``: when the configured credentials expire, and how soon."""
+    if not day:
+        return "-"
+    try:
+        at = datetime.datetime.fromisoformat(day).replace(tzinfo=datetime.UTC).timestamp()
+    except ValueError:
+        return day
+    days = (at - now) / 86400
+    return f"{day} ({'in ' if days >= 0 else ''}{abs(days):.0f}d{'' if days >= 0 else ' ago'})"
 
 
 def _unknown(config: Config, name: str, command: str) -> int:

@@ -8,7 +8,9 @@ every problem as one line ``<file>: <key.path>: <what is wrong>`` before raising
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import importlib
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -126,6 +128,8 @@ class ConnectorBase(_Model):
     default_token_lifetime: float = Field(default=300.0, gt=0)
     refresh_ahead: float | None = Field(default=None, ge=0)
     login_backoff: LoginBackoff = LoginBackoff()
+    #: When the service account's password or client secret expires (a date, UTC midnight).
+    credentials_expire: datetime.date | None = None
 
     @field_validator("domain")
     @classmethod
@@ -376,6 +380,41 @@ class StoreConfig(_Model):
         return self.sqlite or DEFAULT_SQLITE_PATH
 
 
+#: What ``tracing`` needs installed: the ``otel`` extra.
+OTEL_MODULES = ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http.trace_exporter")
+
+
+class TracingConfig(_Model):
+    """OpenTelemetry spans over OTLP/HTTP (``broker/tracing.py``)."""
+
+    otlp_endpoint: str
+    service_name: str = Field(default="erp-broker", min_length=1)
+    sample_ratio: float = Field(default=1.0, ge=0, le=1)
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _check_endpoint(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(
+                f"otlp_endpoint must be an http(s) URL, e.g. http://otel-collector:4318 "
+                f"(got {value!r})"
+            )
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _check_installed(self) -> TracingConfig:
+        for module in OTEL_MODULES:
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                raise ValueError(
+                    "tracing needs OpenTelemetry, which is not installed: "
+                    "pip install 'erp-broker[otel]'"
+                ) from None
+        return self
+
+
 class Config(_Model):
     listen: str = DEFAULT_LISTEN
     admin_listen: str = DEFAULT_ADMIN_LISTEN
@@ -389,6 +428,7 @@ class Config(_Model):
     #: Seconds between re-reads of the config's secret files (0: never). A rotated password
     #: in a mounted Secret is picked up without a restart.
     credentials_reload_interval: float = Field(default=10.0, ge=0)
+    tracing: TracingConfig | None = None
     #: Where the config came from, for messages; not a YAML key.
     source: str = Field(default="<memory>", exclude=True)
 

@@ -15,11 +15,13 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 import structlog
 from multidict import CIMultiDict
 
+from .audit import operation_of
 from .errors import (
     BadRequest,
     NoRoute,
@@ -34,6 +36,9 @@ from .logs import info_line
 from .retry import AUTH, RATE_LIMITED, RetryBudget, backoff_delay, parse_retry_after, should_retry
 from .server import BodyReader, Request, Response, error_answer
 from .upstream import Connector
+
+if TYPE_CHECKING:
+    from .tracing import RequestTrace, Tracing
 
 log = structlog.get_logger("broker.proxy")
 
@@ -185,9 +190,17 @@ class Router:
 class Proxy:
     """The request handler of the proxy listener."""
 
-    def __init__(self, connectors: Iterable[Connector], *, access_log: bool = True) -> None:
+    def __init__(
+        self,
+        connectors: Iterable[Connector],
+        *,
+        access_log: bool = True,
+        tracer: Tracing | None = None,
+    ) -> None:
         self.router = Router(connectors)
         self.access_log = access_log
+        #: None unless ``tracing`` is configured: then the only cost is this test per request.
+        self.tracer = tracer
         self.inflight = 0
         self.idle = asyncio.Event()
         self.idle.set()
@@ -199,7 +212,10 @@ class Proxy:
         request_id = request.headers.get(REQUEST_ID)
         if request_id is None or not _VALID_REQUEST_ID.fullmatch(request_id):
             request_id = new_request_id()
+        trace = None if self.tracer is None else self.tracer.request(request, request_id)
         connector: Connector | None = None
+        rest = ""
+        error: str | None = None
         attempts = 0
         status = 500
         self.inflight += 1
@@ -208,15 +224,18 @@ class Proxy:
             try:
                 connector, rest, query = self._route(request)
                 connector.inflight += 1
+                if trace is not None:
+                    trace.routed(connector, operation_of(connector.odata, rest))
                 try:
                     response, status, attempts = await self.forward(
-                        request, connector, rest, query, request_id
+                        request, connector, rest, query, request_id, trace
                     )
                 finally:
                     connector.inflight -= 1
             except ProxyError as exc:
                 if exc.connector is None and connector is not None:
                     exc.connector = connector.name
+                error = exc.code
                 log.info(
                     "broker_error",
                     code=exc.code,
@@ -240,20 +259,31 @@ class Proxy:
             if connector is not None:
                 connector.series.count_request(request.method, status)
                 connector.series.request_duration.observe(elapsed)
-            if self.access_log:
-                info_line(
-                    log,
-                    "request",
-                    {
-                        "connector": connector.name if connector else None,
-                        "method": request.method,
-                        "path": request.path,
-                        "status": status,
-                        "duration_ms": round(elapsed * 1000, 2),
-                        "attempts": attempts,
-                        "request_id": request_id,
-                    },
+            if trace is not None:
+                trace.finish(
+                    status, attempts, error, connector.credential_id if connector else None
                 )
+            if self.access_log:
+                line = {
+                    "connector": connector.name if connector else None,
+                    "method": request.method,
+                    "path": request.path,
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 2),
+                    "attempts": attempts,
+                    "request_id": request_id,
+                }
+                if connector is not None:
+                    # Audit: which ERP operation, with which credential (broker/audit.py).
+                    operation = operation_of(connector.odata, rest)
+                    line["operation"] = operation.name
+                    if operation.key is not None:
+                        line["operation_key"] = operation.key
+                    if operation.projection:
+                        line["projection"] = operation.projection
+                    if attempts:
+                        line["credential_id"] = connector.credential_id
+                info_line(log, "request", line)
 
     def _route(self, request: Request) -> tuple[Connector, str, str]:
         if request.method == "CONNECT":
@@ -280,6 +310,7 @@ class Proxy:
         rest: str,
         query: str,
         request_id: str,
+        trace: RequestTrace | None = None,
     ) -> tuple[Response | None, int, int]:
         """Send the request to the ERP, replaying it when the policy says so; stream the answer."""
         method = request.method
@@ -303,11 +334,17 @@ class Proxy:
                 await connector.wait_turn()
             connector.authenticator.apply(headers, token)
             attempts += 1
+            if trace is not None:
+                trace.attempt(connector, method, target, headers, attempts)
             upstream = await self._send(connector, method, target, headers, body)
             status = upstream.status
+            if trace is not None:
+                trace.answered(status)
             if status in connector.auth_statuses and not auth_replayed and body.replayable:
                 upstream.release()
                 auth_replayed = True
+                if trace is not None:
+                    trace.replay(status)
                 connector.metrics.retries.labels(connector.name, AUTH).inc()
                 token = await connector.tokens.reject(token)
                 continue
@@ -325,6 +362,8 @@ class Proxy:
                 if budget.allows(wait):
                     upstream.release()
                     budget.spend(wait)
+                    if trace is not None:
+                        trace.retry_wait(reason, status, wait)
                     connector.metrics.retries.labels(connector.name, reason).inc()
                     if reason == RATE_LIMITED:
                         # Every request to this connector waits out the same window.
