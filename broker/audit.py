@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 #: Longest operation or key logged; a longer path is cut (and marked with "…").
 MAX_FIELD = 200
@@ -59,6 +59,18 @@ def operation_of(odata: bool, rest: str) -> Operation:
                     _cut("/".join(names)), None if key is None else _cut(key), projection
                 )
     return Operation(_cut("/" + rest))
+
+
+def add_audit_fields(line: dict[str, Any], odata: bool, rest: str, credential: str | None) -> None:
+    """Put the operation (and the id of the credential sent, if one was) on an access line."""
+    operation = operation_of(odata, rest)
+    line["operation"] = operation.name
+    if operation.key is not None:
+        line["operation_key"] = operation.key
+    if operation.projection:
+        line["projection"] = operation.projection
+    if credential is not None:
+        line["credential_id"] = credential
 
 
 def credential_id(fingerprint: str) -> str:

@@ -21,7 +21,7 @@ from urllib.parse import unquote
 import structlog
 from multidict import CIMultiDict
 
-from .audit import operation_of
+from .audit import add_audit_fields, operation_of
 from .errors import (
     BadRequest,
     NoRoute,
@@ -275,14 +275,9 @@ class Proxy:
                 }
                 if connector is not None:
                     # Audit: which ERP operation, with which credential (broker/audit.py).
-                    operation = operation_of(connector.odata, rest)
-                    line["operation"] = operation.name
-                    if operation.key is not None:
-                        line["operation_key"] = operation.key
-                    if operation.projection:
-                        line["projection"] = operation.projection
-                    if attempts:
-                        line["credential_id"] = connector.credential_id
+                    add_audit_fields(
+                        line, connector.odata, rest, connector.credential_id if attempts else None
+                    )
                 info_line(log, "request", line)
 
     def _route(self, request: Request) -> tuple[Connector, str, str]:

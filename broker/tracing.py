@@ -25,11 +25,13 @@ put on a span (``docs/operations.md``, "Tracing").
 from __future__ import annotations
 
 import contextvars
+import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -42,7 +44,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import Counter
 
-from .config import TracingConfig
+from .config import TracingConfig, mask_url_password
 
 if TYPE_CHECKING:
     from multidict import CIMultiDict
@@ -63,6 +65,10 @@ SHUTDOWN_WAIT = 3.0
 TRACES_PATH = "/v1/traces"
 
 _PROPAGATOR = TraceContextTextMapPropagator()
+#: The exporter logs every failed try; the broker logs when exports start and stop failing.
+_EXPORTER_LOGGER = "opentelemetry.exporter.otlp.proto.http"
+
+log = structlog.get_logger("broker.tracing")
 
 
 def traces_url(endpoint: str) -> str:
@@ -98,9 +104,11 @@ class _Pending:
 class _CountingExporter(SpanExporter):
     """The OTLP exporter, counting the spans of every batch the collector did not take."""
 
-    def __init__(self, inner: SpanExporter, pending: _Pending) -> None:
+    def __init__(self, inner: SpanExporter, pending: _Pending, endpoint: str) -> None:
         self._inner = inner
         self._pending = pending
+        self._endpoint = mask_url_password(endpoint)
+        self._failing = False
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         self._pending.taken(len(spans))
@@ -108,8 +116,20 @@ class _CountingExporter(SpanExporter):
             result = self._inner.export(spans)
         except Exception:  # a collector's failure is never the broker's
             result = SpanExportResult.FAILURE
-        if result is not SpanExportResult.SUCCESS:
+        failed = result is not SpanExportResult.SUCCESS
+        if failed:
             self._pending.dropped.inc(len(spans))
+        if failed != self._failing:  # logged once per change, not once per batch
+            self._failing = failed
+            if failed:
+                log.warning(
+                    "trace_export_failing",
+                    endpoint=self._endpoint,
+                    message="the collector does not take spans; they are dropped and counted "
+                    "in erp_broker_trace_spans_dropped_total",
+                )
+            else:
+                log.info("trace_export_recovered", endpoint=self._endpoint)
         return result
 
     def shutdown(self) -> None:
@@ -176,8 +196,9 @@ class Tracing:
         )
         pending = _Pending(MAX_QUEUE, dropped)
         exporter = _CountingExporter(
-            OTLPSpanExporter(endpoint=self.endpoint, timeout=EXPORT_TIMEOUT), pending
+            OTLPSpanExporter(endpoint=self.endpoint, timeout=EXPORT_TIMEOUT), pending, self.endpoint
         )
+        logging.getLogger(_EXPORTER_LOGGER).setLevel(logging.CRITICAL)
         batch = BatchSpanProcessor(
             exporter,
             max_queue_size=MAX_QUEUE,
@@ -297,26 +318,28 @@ class RequestTrace:
     def routed(self, connector: Connector, operation: Operation) -> None:
         span = self.span
         span.update_name(f"{self._method} {connector.route}")
-        span.set_attribute("http.route", connector.route)
-        span.set_attribute("erp_broker.connector", connector.name)
-        span.set_attribute("erp_broker.operation", operation.name)
+        attributes = {
+            "http.route": connector.route,
+            "erp_broker.connector": connector.name,
+            "erp_broker.operation": operation.name,
+        }
         if operation.key is not None:
-            span.set_attribute("erp_broker.operation_key", operation.key)
+            attributes["erp_broker.operation_key"] = operation.key
         if operation.projection:
-            span.set_attribute("erp_broker.projection", operation.projection)
+            attributes["erp_broker.projection"] = operation.projection
+        span.set_attributes(attributes)
 
     def attempt(
         self, connector: Connector, method: str, target: str, headers: CIMultiDict[str], n: int
     ) -> None:
         """Start the client span of attempt ``n`` (from 1); its traceparent goes to the ERP."""
         self._end_attempt(None)
+        # The connector and credential id are the server span's: not repeated per attempt.
         attributes: dict[str, Any] = {
             "http.request.method": method,
             "server.address": connector.host,
             "server.port": connector.port,
             "url.path": target.partition("?")[0],
-            "erp_broker.connector": connector.name,
-            "erp_broker.credential_id": connector.credential_id,
         }
         if n > 1:
             attributes["http.request.resend_count"] = n - 1
@@ -369,12 +392,15 @@ class RequestTrace:
         """End the server span (and an attempt the ERP never answered)."""
         self._end_attempt(None, error)
         span = self.span
-        span.set_attribute("http.response.status_code", status)
-        span.set_attribute("erp_broker.attempts", attempts)
-        if credential_id is not None:
-            span.set_attribute("erp_broker.credential_id", credential_id)
+        attributes: dict[str, Any] = {
+            "http.response.status_code": status,
+            "erp_broker.attempts": attempts,
+        }
+        if credential_id is not None and attempts:
+            attributes["erp_broker.credential_id"] = credential_id
         if error is not None:
-            span.set_attribute("error.type", error)
+            attributes["error.type"] = error
+        span.set_attributes(attributes)
         if status >= 500:
             span.set_status(Status(StatusCode.ERROR))
         span.end()

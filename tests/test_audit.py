@@ -18,7 +18,13 @@ from broker.audit import MAX_FIELD, Operation, credential_id, operation_of
 from broker.config import fingerprint, parse_config
 from broker.sandbox import IfsApps10Sim, InforIonSim, PsoSim
 
-from .conftest import BrokerFactory, ifs_connector, infor_connector, pso_connector
+from .conftest import (
+    BrokerFactory,
+    ifs_connector,
+    infor_connector,
+    offline_pso_connector,
+    pso_connector,
+)
 
 ODATA = "main/ifsapplications/projection/v1/CustomerHandling.svc"
 
@@ -101,17 +107,7 @@ class TestCredentialId:
 
         def config(password: str) -> Any:
             return parse_config(
-                {
-                    "connectors": {
-                        "p": {
-                            "type": "ifs_pso",
-                            "base_url": "https://x",
-                            "account_id": "a",
-                            "username": "u",
-                            "password": password,
-                        }
-                    }
-                }
+                {"connectors": {"p": offline_pso_connector(password=password)}}
             ).connectors["p"]
 
         first = fingerprint(config("one"))

@@ -15,7 +15,7 @@ from broker.config import parse_config
 from broker.errors import ConfigError
 from broker.sandbox import IfsApps10Sim
 
-from .conftest import BrokerFactory, ifs_connector, metric
+from .conftest import BrokerFactory, ifs_connector, metric, offline_pso_connector
 
 EXPIRY = "erp_broker_credentials_expiry_timestamp_seconds"
 JAN_31 = datetime.datetime(2027, 1, 31, tzinfo=datetime.UTC).timestamp()
@@ -95,18 +95,7 @@ class TestCredentialsExpire:
     def test_a_bad_date_is_named(self, value: Any) -> None:
         with pytest.raises(ConfigError) as info:
             parse_config(
-                {
-                    "connectors": {
-                        "p": {
-                            "type": "ifs_pso",
-                            "base_url": "https://x",
-                            "account_id": "a",
-                            "username": "u",
-                            "password": "p",
-                            "credentials_expire": value,
-                        }
-                    }
-                },
+                {"connectors": {"p": offline_pso_connector(credentials_expire=value)}},
                 "b.yaml",
             )
         assert any(

@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 import yaml
 from yarl import URL
 
@@ -26,7 +27,7 @@ from broker import tracing
 from broker.app import BrokerServer
 from broker.sandbox import IfsApps10Sim, InforIonSim
 
-from .conftest import BrokerFactory, ifs_connector, infor_connector, metric
+from .conftest import BrokerFactory, ifs_connector, infor_connector, metric, offline_pso_connector
 from .otlp import OtlpReceiver, Span
 
 APP_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -39,6 +40,18 @@ async def receiver() -> AsyncIterator[OtlpReceiver]:
     receiver = await OtlpReceiver().start()
     yield receiver
     await receiver.stop()
+
+
+@pytest.fixture
+async def traced(
+    ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, receiver: OtlpReceiver
+) -> BrokerServer:
+    """A broker in front of the IFS simulator, tracing to the receiver, holding a token."""
+    server = await make_broker(
+        {"ifs": ifs_connector(ifs_sim, ca_file)}, tracing=tracing_config(receiver)
+    )
+    await server.broker.wait_ready(10)
+    return server
 
 
 def tracing_config(receiver: OtlpReceiver | str) -> dict[str, Any]:
@@ -74,16 +87,13 @@ class TestTraceContinuity:
         self,
         ifs_sim: IfsApps10Sim,
         ca_file: str,
-        make_broker: BrokerFactory,
+        traced: BrokerServer,
         receiver: OtlpReceiver,
         http: aiohttp.ClientSession,
     ) -> None:
         """The app's trace goes on: server span (parent: the app's span) → client span (the
         attempt), and the ERP receives a traceparent naming that client span in that trace."""
-        server = await make_broker(
-            {"ifs": ifs_connector(ifs_sim, ca_file)}, tracing=tracing_config(receiver)
-        )
-        await server.broker.wait_ready(10)
+        server = traced
         await get(http, server, "/ifs/_test/echo/x?$top=1", headers={"traceparent": TRACEPARENT})
         await flush(server)
         await receiver.wait_for(server_span_done(APP_TRACE))
@@ -111,15 +121,12 @@ class TestTraceContinuity:
         self,
         ifs_sim: IfsApps10Sim,
         ca_file: str,
-        make_broker: BrokerFactory,
+        traced: BrokerServer,
         receiver: OtlpReceiver,
         http: aiohttp.ClientSession,
     ) -> None:
         """No traceparent from the app: the server span is a root, and the ERP still gets one."""
-        server = await make_broker(
-            {"ifs": ifs_connector(ifs_sim, ca_file)}, tracing=tracing_config(receiver)
-        )
-        await server.broker.wait_ready(10)
+        server = traced
         await get(http, server, "/ifs/_test/echo/y")
         sent = ifs_sim.api_requests[-1].headers["traceparent"]
         trace_id = sent.split("-")[1]
@@ -178,17 +185,14 @@ class TestSpanTrees:
         self,
         ifs_sim: IfsApps10Sim,
         ca_file: str,
-        make_broker: BrokerFactory,
+        traced: BrokerServer,
         receiver: OtlpReceiver,
         http: aiohttp.ClientSession,
     ) -> None:
         """The ERP refuses the token: attempt 1 (401) → replay event → token wait (rejected) →
         token request (refresh grant) → attempt 2 (200, resend count 1); each attempt's
         traceparent reached the ERP."""
-        server = await make_broker(
-            {"ifs": ifs_connector(ifs_sim, ca_file)}, tracing=tracing_config(receiver)
-        )
-        await server.broker.wait_ready(10)
+        server = traced
         ifs_sim.expire_all_tokens()
         before = len(ifs_sim.api_requests)
         await get(http, server, "/ifs/_test/echo/replay", headers={"traceparent": TRACEPARENT})
@@ -323,25 +327,30 @@ class TestCollectorTrouble:
         http: aiohttp.ClientSession,
         unused_tcp_port: int,
     ) -> None:
-        """Nothing listens at otlp_endpoint: every request succeeds promptly, and the spans
-        that could not be delivered are counted."""
+        """Nothing listens at otlp_endpoint: every request succeeds promptly, the spans that
+        could not be delivered are counted, and the log says so once, not once per batch."""
         server = await make_broker(
             {"ifs": ifs_connector(ifs_sim, ca_file)},
             tracing=tracing_config(f"http://127.0.0.1:{unused_tcp_port}"),
         )
         await server.broker.wait_ready(10)
-        for _ in range(30):
-            started = time.monotonic()
-            await get(http, server, "/ifs/_test/echo/dead")
-            assert time.monotonic() - started < 2.0
-        await flush(server)
-        deadline = time.monotonic() + 20
-        while (
-            metric(server, "erp_broker_trace_spans_dropped_total") < 30
-            and time.monotonic() < deadline
-        ):
-            await asyncio.sleep(0.1)
-        assert metric(server, "erp_broker_trace_spans_dropped_total") >= 30
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(2):
+                for _ in range(30):
+                    started = time.monotonic()
+                    await get(http, server, "/ifs/_test/echo/dead")
+                    assert time.monotonic() - started < 2.0
+                await flush(server)
+            deadline = time.monotonic() + 30
+            while (
+                metric(server, "erp_broker_trace_spans_dropped_total") < 60
+                and time.monotonic() < deadline
+            ):
+                await asyncio.sleep(0.1)
+        assert metric(server, "erp_broker_trace_spans_dropped_total") >= 60
+        failing = [line for line in logs if line["event"] == "trace_export_failing"]
+        assert len(failing) == 1
+        assert failing[0]["endpoint"] == f"http://127.0.0.1:{unused_tcp_port}/v1/traces"
 
     async def test_a_slow_collector_never_blocks_a_request_and_a_full_queue_drops(
         self,
@@ -384,15 +393,7 @@ class TestConfig:
             yaml.safe_dump(
                 {
                     "tracing": {"otlp_endpoint": "http://127.0.0.1:4318"},
-                    "connectors": {
-                        "ifs": {
-                            "type": "ifs_pso",
-                            "base_url": "https://pso.example",
-                            "account_id": "a",
-                            "username": "u",
-                            "password": "p",
-                        }
-                    },
+                    "connectors": {"ifs": offline_pso_connector()},
                 }
             )
         )
@@ -441,15 +442,7 @@ class TestConfig:
             parse_config(
                 {
                     "tracing": tracing_value,
-                    "connectors": {
-                        "p": {
-                            "type": "ifs_pso",
-                            "base_url": "https://x",
-                            "account_id": "a",
-                            "username": "u",
-                            "password": "p",
-                        }
-                    },
+                    "connectors": {"p": offline_pso_connector()},
                 },
                 "b.yaml",
             )
