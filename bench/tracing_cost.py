@@ -9,7 +9,7 @@ round by round, best round kept (the least disturbed by other processes):
 * ``access line, before``: the access-log line as the proxy wrote it before issue 17, through
   the broker's own JSON logging pipeline (configure_logging, info_line) to /dev/null;
 * ``access line, after``: the same with what the proxy does now when tracing is off: the
-  ``tracer is None`` tests and the audit fields (operation, key, projection, credential id);
+  ``tracer is None`` tests and the audit fields (operation, key, credential id);
 * ``spans of one request``: with ``tracing`` on, everything one proxied request adds: extract
   the app's traceparent, the server span, one attempt's client span with its traceparent
   injected, their attributes, and both spans ended into the batch processor (exported on its

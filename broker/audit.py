@@ -62,13 +62,13 @@ def operation_of(odata: bool, rest: str) -> Operation:
 
 
 def add_audit_fields(line: dict[str, Any], odata: bool, rest: str, credential: str | None) -> None:
-    """Put the operation (and the id of the credential sent, if one was) on an access line."""
+    """Put the operation, its key (OData) and the id of the credential sent, if one was, on an
+    access line."""
     operation = operation_of(odata, rest)
     line["operation"] = operation.name
     if operation.key is not None:
         line["operation_key"] = operation.key
-    if operation.projection:
-        line["projection"] = operation.projection
+    # The projection is in the line's path already; each field costs the line a redaction.
     if credential is not None:
         line["credential_id"] = credential
 

@@ -402,6 +402,10 @@ class TracingConfig(_Model):
             )
         return value.rstrip("/")
 
+    @field_serializer("otlp_endpoint")
+    def _mask_endpoint(self, value: str) -> str:
+        return mask_url_password(value)
+
     @model_validator(mode="after")
     def _check_installed(self) -> TracingConfig:
         for module in OTEL_MODULES:

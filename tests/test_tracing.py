@@ -451,3 +451,15 @@ class TestConfig:
     def test_endpoint_gets_the_traces_path(self) -> None:
         assert tracing.traces_url("http://c:4318") == "http://c:4318/v1/traces"
         assert tracing.traces_url("http://c:4318/v1/traces") == "http://c:4318/v1/traces"
+
+    def test_a_password_in_the_endpoint_is_masked_when_the_config_is_printed(self) -> None:
+        from broker.config import parse_config
+
+        config = parse_config(
+            {
+                "tracing": {"otlp_endpoint": "https://user:hunter2@collector:4318"},
+                "connectors": {"p": offline_pso_connector()},
+            }
+        )
+        printed = str(config.redacted())
+        assert "hunter2" not in printed and "collector:4318" in printed
