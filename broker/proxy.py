@@ -199,7 +199,7 @@ class Proxy:
     ) -> None:
         self.router = Router(connectors)
         self.access_log = access_log
-        #: None unless ``tracing`` is configured: then the only cost is this test per request.
+        #: None unless ``tracing`` is configured; then each hook costs an ``is None`` test.
         self.tracer = tracer
         self.inflight = 0
         self.idle = asyncio.Event()
