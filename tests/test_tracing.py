@@ -276,6 +276,34 @@ class TestSpanTrees:
             assert 0 < event.attributes["erp_broker.wait_seconds"] <= 1
         assert root.attributes["erp_broker.attempts"] == 3
 
+    async def test_an_erp_that_does_not_answer_ends_both_spans_in_error(
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        receiver: OtlpReceiver,
+        http: aiohttp.ClientSession,
+    ) -> None:
+        """The ERP does not answer within the timeout: the attempt span ends in error with the
+        broker's code, and the server span carries the 504 and the code."""
+        connector = ifs_connector(ifs_sim, ca_file, timeout=0.5)
+        server = await make_broker({"ifs": connector}, tracing=tracing_config(receiver))
+        await server.broker.wait_ready(10)
+        async with http.get(
+            f"{server.proxy_url}/ifs/_test/slow/5", headers={"traceparent": TRACEPARENT}
+        ) as resp:
+            assert resp.status == 504
+        await flush(server)
+        await receiver.wait_for(server_span_done(APP_TRACE))
+        spans = receiver.trace(APP_TRACE)
+        root = one(spans, kind="server")
+        assert root.error
+        assert root.attributes["http.response.status_code"] == 504
+        assert root.attributes["error.type"] == "upstream_timeout"
+        (attempt,) = root.children(spans)
+        assert attempt.error and attempt.attributes["error.type"] == "upstream_timeout"
+        assert "http.response.status_code" not in attempt.attributes
+
 
 class TestNoSecrets:
     async def test_no_secret_in_any_exported_byte(
