@@ -5,7 +5,9 @@
 
 TARGET is ``minimal``, ``nginx``, ``erp-broker``, or ``erp-broker@/path`` — a broker whose
 ``broker`` package is imported from /path (a copy of an older tree: the before of an
-optimisation). Every target is started as in the benchmark (pinned to core 0) and loaded in
+optimisation). ``erp-broker+tracing`` has ``tracing`` configured, exporting to a collector that
+takes everything (bench.sink, on the load core); ``erp-broker+tracing-dead`` to a port where
+nothing listens (either may end in ``@/path`` too). Every target is started as in the benchmark (pinned to core 0) and loaded in
 turn by wrk, run after run; the median req/s and CPU µs per request are printed. With
 ``--py-spy`` the first target is recorded with py-spy (``pip install py-spy``): an SVG flame
 graph, or raw collapsed stacks for a ``.txt`` name.
@@ -20,7 +22,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .procs import LOAD_CPU, SUT_CPU
+import yaml
+
+from .procs import LOAD_CPU, SUT_CPU, free_port
 from .runner import Bench, Settings, Target, preflight, workdir, wrk
 
 
@@ -28,9 +32,15 @@ def start(bench: Bench, spec: str, targets: dict[str, Target]) -> Target:
     if spec in targets:
         return targets[spec]
     name, _, path = spec.partition("@")
-    if name != "erp-broker" or not path:
+    name, _, variant = name.partition("+")
+    if name != "erp-broker" or not (path or variant in ("tracing", "tracing-dead")):
         raise SystemExit(f"unknown target {spec!r}")
     config, port, admin = bench.broker_config(f"broker-{len(bench.procs)}", bench.token_url)
+    if variant:
+        endpoint = bench.sink if variant == "tracing" else f"http://127.0.0.1:{free_port()}"
+        data = yaml.safe_load(config.read_text())
+        data["tracing"] = {"otlp_endpoint": endpoint, "sample_ratio": 1.0}
+        config.write_text(yaml.safe_dump(data, sort_keys=False))
     exe = shutil.which("erp-broker")
     argv = [exe, "run"] if exe else [sys.executable, "-m", "broker", "run"]
     # PYTHONPATH wins over the installed package for the console script.
@@ -38,7 +48,7 @@ def start(bench: Bench, spec: str, targets: dict[str, Target]) -> Target:
         f"broker-{len(bench.procs)}",
         [*argv, "-c", str(config)],
         SUT_CPU,
-        env={"PYTHONPATH": str(Path(path).resolve())},
+        env={"PYTHONPATH": str(Path(path).resolve())} if path else {},
     )
     bench.wait_ready(proc, admin)
     return Target(spec, f"http://127.0.0.1:{port}/origin", proc)

@@ -104,6 +104,10 @@ def connector_info(connector: Connector) -> dict[str, Any]:
         "upstream_host": connector.host,
         "tls_verify": connector.config.tls_verify,
         **connector.tokens.status(),
+        # When the configured password or client secret expires (config: credentials_expire).
+        "credentials_expire": (
+            expire.isoformat() if (expire := connector.credentials_expire) is not None else None
+        ),
     }
 
 

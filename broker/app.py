@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import gc
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -29,6 +29,9 @@ from .stores import open_store
 from .tokens import LocalCoordinator
 from .types import Clock, Coordinator, TokenStore
 from .upstream import Connector
+
+if TYPE_CHECKING:
+    from .tracing import Tracing
 
 log = structlog.get_logger("broker.app")
 
@@ -56,6 +59,7 @@ class Broker:
         self.shutdown_requested = asyncio.Event()
         self.started_at = time.time()
         self._watcher: asyncio.Task[None] | None = None
+        self.tracing: Tracing | None = None
 
     async def start(self) -> None:
         store = self._given_store or await open_store(self.config.store, self.metrics)
@@ -85,7 +89,14 @@ class Broker:
         except BaseException:
             await self.close(revoke=False)
             raise
-        self.proxy = Proxy(self.connectors.values(), access_log=self.config.access_log)
+        if self.config.tracing is not None:
+            from .tracing import Tracing  # OpenTelemetry is imported only when configured
+
+            self.tracing = Tracing(self.config.tracing, self.metrics.spans_dropped)
+            self.tracing.attach(self.connectors)
+        self.proxy = Proxy(
+            self.connectors.values(), access_log=self.config.access_log, tracer=self.tracing
+        )
         interval = self.config.credentials_reload_interval
         if interval > 0 and not self.config.source.startswith("<"):
             self._watcher = asyncio.create_task(
@@ -105,6 +116,12 @@ class Broker:
         if self.store is not None and self._given_store is None:
             with contextlib.suppress(Exception):
                 await self.store.close()
+        if self.tracing is not None:
+            from .tracing import SHUTDOWN_WAIT
+
+            # The last spans go out for a while; a dead collector delays the exit no longer.
+            await asyncio.to_thread(self.tracing.close().join, SHUTDOWN_WAIT)
+            self.tracing = None
 
     async def wait_ready(self, timeout: float) -> None:
         """Wait until every connector holds a usable credential; TimeoutError otherwise."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import sys
 import time
 from typing import Any
@@ -70,6 +71,7 @@ async def status(config: Config, fmt: str) -> int:
     rows = [
         ["CONNECTOR", "TYPE", "ROUTE", "UPSTREAM", "TOKEN", "EXPIRES", "LAST REFRESH", "UP"]
     ]
+    rows[0].insert(-1, "CREDENTIALS EXPIRE")
     for name, info in data.items():
         rows.append(
             [
@@ -80,6 +82,7 @@ async def status(config: Config, fmt: str) -> int:
                 info.get("token_state", "-"),
                 _age(info.get("expires_at"), now),
                 _age(info.get("last_refresh"), now),
+                _credentials_expire(info.get("credentials_expire"), now),
                 "no" if name in down else "yes",
             ]
         )
@@ -91,6 +94,18 @@ async def status(config: Config, fmt: str) -> int:
     if down:
         print(f"not up: {', '.join(sorted(down))}", file=sys.stderr)
     return code
+
+
+def _credentials_expire(day: str | None, now: float) -> str:
+    """``2027-01-31 (in 58d)``: when the configured credentials expire, and how soon."""
+    if not day:
+        return "-"
+    try:
+        at = datetime.datetime.fromisoformat(day).replace(tzinfo=datetime.UTC).timestamp()
+    except ValueError:
+        return day
+    days = (at - now) / 86400
+    return f"{day} ({'in ' if days >= 0 else ''}{abs(days):.0f}d{'' if days >= 0 else ' ago'})"
 
 
 def _unknown(config: Config, name: str, command: str) -> int:

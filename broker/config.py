@@ -8,7 +8,9 @@ every problem as one line ``<file>: <key.path>: <what is wrong>`` before raising
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import importlib
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -149,6 +151,8 @@ class ConnectorBase(_Model):
     login_backoff: LoginBackoff = LoginBackoff()
     #: JSON answers' ERP URLs rewritten to the broker's (headers' always are): see links.py.
     rewrite_links: bool = False
+    #: When the service account's password or client secret expires (a date, UTC midnight).
+    credentials_expire: datetime.date | None = None
 
     @field_validator("domain")
     @classmethod
@@ -425,6 +429,43 @@ class ClientTimeouts(_Model):
     header: float = Field(default=60.0, gt=0, description="for a request's head, then 408")
     body: float = Field(default=60.0, gt=0, description="between two body pieces, then 408")
     write: float = Field(default=60.0, gt=0, description="for an app that reads nothing")
+#: What ``tracing`` needs installed: the ``otel`` extra.
+OTEL_MODULES = ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http.trace_exporter")
+
+
+class TracingConfig(_Model):
+    """OpenTelemetry spans over OTLP/HTTP (``broker/tracing.py``)."""
+
+    otlp_endpoint: str
+    service_name: str = Field(default="erp-broker", min_length=1)
+    sample_ratio: float = Field(default=1.0, ge=0, le=1)
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _check_endpoint(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(
+                f"otlp_endpoint must be an http(s) URL, e.g. http://otel-collector:4318 "
+                f"(got {value!r})"
+            )
+        return value.rstrip("/")
+
+    @field_serializer("otlp_endpoint")
+    def _mask_endpoint(self, value: str) -> str:
+        return mask_url_password(value)
+
+    @model_validator(mode="after")
+    def _check_installed(self) -> TracingConfig:
+        for module in OTEL_MODULES:
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                raise ValueError(
+                    "tracing needs OpenTelemetry, which is not installed: "
+                    "pip install 'erp-broker[otel]'"
+                ) from None
+        return self
 
 
 class Config(_Model):
@@ -442,6 +483,7 @@ class Config(_Model):
     credentials_reload_interval: float = Field(default=10.0, ge=0)
     #: The proxy listener's timeouts towards the app.
     client_timeouts: ClientTimeouts = ClientTimeouts()
+    tracing: TracingConfig | None = None
     #: Where the config came from, for messages; not a YAML key.
     source: str = Field(default="<memory>", exclude=True)
 

@@ -140,6 +140,19 @@ class Metrics:
             ["connector"],
             registry=r,
         )
+        self.credentials_expiry = Gauge(
+            "erp_broker_credentials_expiry_timestamp_seconds",
+            "Unix time at which the connector's configured credentials expire "
+            "(credentials_expire; no series when it is not set).",
+            ["connector"],
+            registry=r,
+        )
+        self.spans_dropped = Counter(
+            "erp_broker_trace_spans_dropped_total",
+            "Trace spans not delivered to the collector: the export queue was full, or the "
+            "collector failed or was too slow to take them.",
+            registry=r,
+        )
 
 
 class ConnectorSeries:

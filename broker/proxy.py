@@ -15,12 +15,14 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 import structlog
 from multidict import CIMultiDict
 
 from .answers import error_answer
+from .audit import add_audit_fields, operation_of
 from .errors import (
     BadRequest,
     NoRoute,
@@ -45,6 +47,9 @@ from .retry import (
 )
 from .server import BodyReader, Refusal, Request, Response
 from .upstream import Connector
+
+if TYPE_CHECKING:
+    from .tracing import RequestTrace, Tracing
 
 log = structlog.get_logger("broker.proxy")
 
@@ -198,9 +203,17 @@ class Router:
 class Proxy:
     """The request handler of the proxy listener."""
 
-    def __init__(self, connectors: Iterable[Connector], *, access_log: bool = True) -> None:
+    def __init__(
+        self,
+        connectors: Iterable[Connector],
+        *,
+        access_log: bool = True,
+        tracer: Tracing | None = None,
+    ) -> None:
         self.router = Router(connectors)
         self.access_log = access_log
+        #: None unless ``tracing`` is configured; then each hook costs an ``is None`` test.
+        self.tracer = tracer
         self.inflight = 0
         self.idle = asyncio.Event()
         self.idle.set()
@@ -212,7 +225,10 @@ class Proxy:
         request_id = request.headers.get(REQUEST_ID)
         if request_id is None or not _VALID_REQUEST_ID.fullmatch(request_id):
             request_id = new_request_id()
+        trace = None if self.tracer is None else self.tracer.request(request, request_id)
         connector: Connector | None = None
+        rest = ""
+        error: str | None = None
         attempts = 0
         status = 500
         self.inflight += 1
@@ -221,15 +237,18 @@ class Proxy:
             try:
                 connector, rest, query = self._route(request)
                 connector.inflight += 1
+                if trace is not None:
+                    trace.routed(connector, operation_of(connector.odata, rest))
                 try:
                     response, status, attempts = await self.forward(
-                        request, connector, rest, query, request_id
+                        request, connector, rest, query, request_id, trace
                     )
                 finally:
                     connector.inflight -= 1
             except ProxyError as exc:
                 if exc.connector is None and connector is not None:
                     exc.connector = connector.name
+                error = exc.code
                 log.info(
                     "broker_error",
                     code=exc.code,
@@ -259,20 +278,26 @@ class Proxy:
             if connector is not None:
                 connector.series.count_request(request.method, status)
                 connector.series.request_duration.observe(elapsed)
-            if self.access_log:
-                info_line(
-                    log,
-                    "request",
-                    {
-                        "connector": connector.name if connector else None,
-                        "method": request.method,
-                        "path": request.path,
-                        "status": status,
-                        "duration_ms": round(elapsed * 1000, 2),
-                        "attempts": attempts,
-                        "request_id": request_id,
-                    },
+            if trace is not None:
+                trace.finish(
+                    status, attempts, error, connector.credential_id if connector else None
                 )
+            if self.access_log:
+                line = {
+                    "connector": connector.name if connector else None,
+                    "method": request.method,
+                    "path": request.path,
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 2),
+                    "attempts": attempts,
+                    "request_id": request_id,
+                }
+                if connector is not None:
+                    # Audit: which ERP operation, with which credential (broker/audit.py).
+                    add_audit_fields(
+                        line, connector.odata, rest, connector.credential_id if attempts else None
+                    )
+                info_line(log, "request", line)
 
     def _route(self, request: Request) -> tuple[Connector, str, str]:
         if request.method == "CONNECT":
@@ -299,6 +324,7 @@ class Proxy:
         rest: str,
         query: str,
         request_id: str,
+        trace: RequestTrace | None = None,
     ) -> tuple[Response | None, int, int]:
         """Send the request to the ERP, replaying it when the policy says so; stream the answer."""
         method = request.method
@@ -326,6 +352,8 @@ class Proxy:
                 await connector.wait_turn()
             connector.authenticator.apply(headers, token)
             attempts += 1
+            if trace is not None:
+                trace.attempt(connector, method, target, headers, attempts)
             upstream = await self._send(
                 connector, method, target, headers, body, fresh=fresh, stale_replay=stale_replay
             )
@@ -335,9 +363,13 @@ class Proxy:
                 connector.metrics.retries.labels(connector.name, STALE_CONNECTION).inc()
                 continue
             status = upstream.status
+            if trace is not None:
+                trace.answered(status)
             if status in connector.auth_statuses and not auth_replayed and body.replayable:
                 upstream.release()
                 auth_replayed = True
+                if trace is not None:
+                    trace.replay(status)
                 connector.metrics.retries.labels(connector.name, AUTH).inc()
                 token = await connector.tokens.reject(token)
                 continue
@@ -355,6 +387,8 @@ class Proxy:
                 if budget.allows(wait):
                     upstream.release()
                     budget.spend(wait)
+                    if trace is not None:
+                        trace.retry_wait(reason, status, wait)
                     connector.metrics.retries.labels(connector.name, reason).inc()
                     if reason == RATE_LIMITED:
                         # Every request to this connector waits out the same window.

@@ -33,7 +33,7 @@ from .errors import (
 from .metrics import Metrics
 from .retry import backoff_delay
 from .secrets import register
-from .types import Authenticator, Clock, Coordinator, TokenStore
+from .types import Authenticator, Clock, Coordinator, TokenStore, TokenTracer
 
 log = structlog.get_logger("broker.tokens")
 
@@ -251,6 +251,8 @@ class TokenManager:
         self.last_error_kind: str | None = None
         self.last_refresh: float | None = None
         self._rng = random.Random()
+        #: Spans of token waits and requests, set when ``tracing`` is configured.
+        self.tracer: TokenTracer | None = None
         metrics.connector_up.labels(name).set(0)
         metrics.token_expiry.labels(name).set(0)
         metrics.login_paused.labels(name).set(0)
@@ -391,33 +393,42 @@ class TokenManager:
                     f"{self._retry_at - now:.0f}s",
                     connector=self.name,
                 )
-        task = self._inflight
-        if task is None:
-            task = self._inflight = asyncio.create_task(
-                self._obtain(reason, force=force), name=f"token-{self.name}"
-            )
-            task.add_done_callback(self._flight_done)
-        elif not background:
-            self._metrics.refresh_waiters.labels(self.name).inc()
-        try:
-            # shield: a waiter that gives up (timeout, client gone) never cancels the request
-            # the others are waiting for.
-            async with asyncio.timeout(self._policy.token_timeout):
-                return await asyncio.shield(task)
-        except TimeoutError:
-            raise AuthFailed(
-                f"no credential within {self._policy.token_timeout:g}s: the token endpoint "
-                "is slow or unreachable",
-                connector=self.name,
-            ) from None
-        except CredentialsRejected as exc:
-            raise AuthFailed(
-                f"the ERP rejected the configured credentials: {exc}", connector=self.name
-            ) from None
-        except TokenError as exc:
-            raise AuthFailed(
-                f"no credential could be obtained: {exc}", connector=self.name
-            ) from None
+        tracer = self.tracer
+        with (
+            contextlib.nullcontext()
+            if tracer is None
+            else tracer.token_wait(self.name, reason, joined=self._inflight is not None)
+        ) as span:
+            task = self._inflight
+            if task is None:
+                task = self._inflight = asyncio.create_task(
+                    self._obtain(reason, force=force),
+                    name=f"token-{self.name}",
+                    # In the wait's span: the token request's span is its child.
+                    context=None if span is None else span.context,
+                )
+                task.add_done_callback(self._flight_done)
+            elif not background:
+                self._metrics.refresh_waiters.labels(self.name).inc()
+            try:
+                # shield: a waiter that gives up (timeout, client gone) never cancels the request
+                # the others are waiting for.
+                async with asyncio.timeout(self._policy.token_timeout):
+                    return await asyncio.shield(task)
+            except TimeoutError:
+                raise AuthFailed(
+                    f"no credential within {self._policy.token_timeout:g}s: the token endpoint "
+                    "is slow or unreachable",
+                    connector=self.name,
+                ) from None
+            except CredentialsRejected as exc:
+                raise AuthFailed(
+                    f"the ERP rejected the configured credentials: {exc}", connector=self.name
+                ) from None
+            except TokenError as exc:
+                raise AuthFailed(
+                    f"no credential could be obtained: {exc}", connector=self.name
+                ) from None
 
     def _flight_done(self, task: asyncio.Task[Token]) -> None:
         if self._inflight is task:
@@ -464,22 +475,24 @@ class TokenManager:
 
     async def _call(self, grant: str, request: Awaitable[Token]) -> Token:
         """One token request, timed, counted and bounded by the token timeout."""
-        started = time.perf_counter()
-        outcome = "failure"
-        try:
-            async with asyncio.timeout(self._policy.token_timeout):
-                token = await request
-            outcome = "success"
-            return token
-        except TimeoutError:
-            raise TokenEndpointError(
-                f"the token endpoint did not answer within {self._policy.token_timeout:g}s"
-            ) from None
-        finally:
-            self._metrics.token_requests.labels(self.name, grant, outcome).inc()
-            self._metrics.token_request_duration.labels(self.name).observe(
-                time.perf_counter() - started
-            )
+        tracer = self.tracer
+        with contextlib.nullcontext() if tracer is None else tracer.token_request(self.name, grant):
+            started = time.perf_counter()
+            outcome = "failure"
+            try:
+                async with asyncio.timeout(self._policy.token_timeout):
+                    token = await request
+                outcome = "success"
+                return token
+            except TimeoutError:
+                raise TokenEndpointError(
+                    f"the token endpoint did not answer within {self._policy.token_timeout:g}s"
+                ) from None
+            finally:
+                self._metrics.token_requests.labels(self.name, grant, outcome).inc()
+                self._metrics.token_request_duration.labels(self.name).observe(
+                    time.perf_counter() - started
+                )
 
     # -- persistence ---------------------------------------------------------------------------
 

@@ -8,12 +8,15 @@
 * :class:`TokenStore` — persistence of tokens (SQLite, Redis, memory).
 * :class:`Coordinator` — what a fleet must share: the refresh lock, rate-limit windows and
   the request budget. Local (one process) or Redis (many replicas).
+* :class:`TokenTracer` — the spans of token waits and token requests (``broker/tracing.py``,
+  present only when ``tracing`` is configured).
 """
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import TYPE_CHECKING, Protocol
 
 from multidict import CIMultiDict
@@ -100,4 +103,29 @@ class Coordinator(Protocol):
 
     async def take_budget(self, key: str, requests: int, per_seconds: float) -> float:
         """Take one request from a sliding-window budget; return 0, or seconds to wait first."""
+        ...
+
+
+class TokenSpan(Protocol):
+    """An open span around a token wait or a token request."""
+
+    #: A copy of the current context with this span current: a task started in it is a child.
+    context: contextvars.Context
+
+    def set(self, key: str, value: str | bool) -> None:
+        """Set an attribute (never a secret)."""
+        ...
+
+
+class TokenTracer(Protocol):
+    """Spans for the token manager (the proxy's spans are broker/tracing.py's own)."""
+
+    def token_wait(
+        self, connector: str, reason: str, *, joined: bool
+    ) -> AbstractContextManager[TokenSpan]:
+        """A request (or the refresh loop) waiting for a token request's outcome."""
+        ...
+
+    def token_request(self, connector: str, grant: str) -> AbstractContextManager[TokenSpan]:
+        """One request to the token or session endpoint."""
         ...

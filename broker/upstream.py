@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
 import ssl
 import time
 
@@ -10,7 +12,8 @@ import aiohttp
 import structlog
 from yarl import URL
 
-from .config import ConnectorConfig, InforIonConfig, fingerprint
+from .audit import credential_id
+from .config import ConnectorConfig, IfsApps10Config, InforIonConfig, fingerprint
 from .connectors import build_authenticator
 from .errors import RateLimited
 from .http1 import Pool
@@ -69,6 +72,7 @@ class Connector:
         #: The base URL's path as it goes on the wire, without its trailing slash.
         self.base_path = base.raw_path.rstrip("/")
         self.links = LinkRewriter(self.base, route, bodies=config.rewrite_links)
+        self.port = base.port or (443 if base.scheme == "https" else 80)
         self.coordinator = coordinator
         self.metrics = metrics
         # Series exist from the start, so rate()/increase() see the first event too.
@@ -77,6 +81,9 @@ class Connector:
         for reason in ("rate_limited", "gateway_timeout"):
             metrics.backoff_seconds.labels(name, reason)
         metrics.rate_limit_waits.labels(name)
+        #: OData paths are logged as entity set and key (broker/audit.py).
+        self.odata = isinstance(config, IfsApps10Config)
+        self._show_expiry(config)
         #: Requests of this connector in the proxy now (read by the in-flight gauge).
         self.inflight = 0
         self.series = ConnectorSeries(metrics, name, lambda: self.inflight)
@@ -139,6 +146,20 @@ class Connector:
     def store_key(self, config: ConnectorConfig) -> str:
         return f"{self.name}:{fingerprint(config)[:32]}"
 
+    def _show_expiry(self, config: ConnectorConfig) -> None:
+        """The credential id the access log shows and the ``credentials_expire`` gauge."""
+        self.credential_id = credential_id(fingerprint(config))
+        self.credentials_expire = config.credentials_expire
+        gauge = self.metrics.credentials_expiry
+        if config.credentials_expire is None:
+            with contextlib.suppress(KeyError):  # no date (any more): no series
+                gauge.remove(self.name)
+        else:
+            expires = datetime.datetime.combine(
+                config.credentials_expire, datetime.time(), datetime.UTC
+            )
+            gauge.labels(self.name).set(expires.timestamp())
+
     def update_credentials(self, config: ConnectorConfig) -> bool:
         """Switch to the credentials in ``config`` if they differ; True when they did.
 
@@ -150,6 +171,7 @@ class Connector:
         self.credentials = config
         self.authenticator = build_authenticator(config, self.session, self._clock)
         self.tokens.replace_credentials(self.authenticator, key)
+        self._show_expiry(config)
         log.info("credentials_changed", connector=self.name)
         return True
 

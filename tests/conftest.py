@@ -102,6 +102,18 @@ def pso_connector(sim: PsoSim, ca_file: str, **overrides: Any) -> dict[str, Any]
     }
 
 
+def offline_pso_connector(**overrides: Any) -> dict[str, Any]:
+    """A valid connector config that needs no simulator (config parsing, CLI checks)."""
+    return {
+        "type": "ifs_pso",
+        "base_url": "https://pso.example",
+        "account_id": "a",
+        "username": "u",
+        "password": "p",
+        **overrides,
+    }
+
+
 @pytest.fixture
 async def infor_sim(start_sim: SimStarter[InforIonSim]) -> InforIonSim:
     return await start_sim(InforIonSim())

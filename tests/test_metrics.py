@@ -15,7 +15,7 @@ from broker.sandbox import IfsApps10Sim
 
 from .conftest import BrokerFactory, ifs_connector
 from .ops.support import metric_names, require_tool
-from .ops.test_alert_rules import alert_rules
+from .ops.test_alert_rules import NOT_YET_EXPORTED, alert_rules
 from .ops.test_dashboard import expressions
 
 CONTRACT = {
@@ -46,7 +46,8 @@ def samples(text: str) -> dict[str, list[dict[str, str]]]:
 async def scraped(ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession) -> str:
     """A broker after a 401 replay, a 429 retry, a 504 retry, a no_route and a waiter."""
     ifs_sim.token_delay = 0.2
-    server: BrokerServer = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file, retry={"base_delay": 0.01})})
+    # credentials_expire set: its gauge has a series only when the date is configured.
+    server: BrokerServer = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file, retry={"base_delay": 0.01}, credentials_expire="2030-01-31")})
     async with http.get(f"{server.proxy_url}/ifs/_test/echo/a") as resp:
         assert resp.status == 200
     ifs_sim.token_delay = 0
@@ -95,4 +96,4 @@ class TestLiveMetrics:
         used = {n for _, expr in expressions() for n in metric_names(expr)}
         used |= {n for rule in alert_rules() for n in metric_names(rule["expr"])}
         assert used, "no metric names found in the artifacts"
-        assert sorted(used - live) == []
+        assert sorted(used - live - NOT_YET_EXPORTED) == []

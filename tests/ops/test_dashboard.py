@@ -98,7 +98,10 @@ class TestGrafanaDashboard:
         assert (query if isinstance(query, str) else query["query"]) == CONNECTOR_QUERY
         assert connector["multi"] and connector["includeAll"]
         for where, expr in expressions():
-            if where.startswith("panel") and "erp_broker_store_" not in expr:
+            # The store and the trace export are per broker, not per connector.
+            if where.startswith("panel") and not any(
+                name in expr for name in ("erp_broker_store_", "erp_broker_trace_")
+            ):
                 assert 'connector=~"$connector"' in expr, where
 
     def test_queries_use_only_exported_metrics(self, exported_series: dict[str, str]) -> None:
