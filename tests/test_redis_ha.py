@@ -87,6 +87,7 @@ class TestUrls:
             ("redis+cluster://:hunter2secret@h1,,h2", "empty host"),
             ("redis+cluster://:hunter2secret@h1?db=2", "unknown option 'db'"),
             ("memcached://:hunter2secret@h1", "redis+sentinel://"),
+            ("redis+cluster://:hunter2secret@h1?ssl_ca_certs=/ca.pem", "use rediss+cluster://"),
         ],
     )
     def test_bad_urls_name_store_redis_and_what_is_wrong(self, url: str, complaint: str) -> None:
