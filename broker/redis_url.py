@@ -68,10 +68,8 @@ def parse_ha_url(url: str) -> RedisTarget:
     rest = url.split("://", 1)[1]
     if "#" in rest:
         raise ValueError("must not have a #fragment")
-    netloc, slash, tail = rest.partition("/")
-    path, _, query = (slash + tail).partition("?") if slash else ("", "", "")
-    if not slash and "?" in netloc:
-        netloc, _, query = netloc.partition("?")
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
     userinfo, at, hostlist = netloc.rpartition("@")
     username = password = None
     if at:
@@ -80,6 +78,8 @@ def parse_ha_url(url: str) -> RedisTarget:
         password = unquote(secret) if colon and secret else None
     hosts = _hosts(hostlist, 26379 if sentinel else 6379)
     options = _options(query)
+    if options and not scheme.startswith("rediss"):
+        raise ValueError(f"{options[0][0]} is a TLS option: use rediss+{scheme.split('+')[1]}://")
     segments = [s for s in path.split("/") if s]
     service, db = "", 0
     if sentinel:

@@ -261,6 +261,7 @@ class TokenManager:
             for outcome in ("success", "failure"):
                 metrics.token_requests.labels(name, grant, outcome)
         metrics.refresh_waiters.labels(name)
+        metrics.store_replication_unacknowledged.labels(name)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -166,14 +166,20 @@ def _bounded(check: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def _client(port: int) -> redis.Redis:
-    return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2.0, socket_connect_timeout=2.0)
+def _client(port: int, password: str | None = None) -> redis.Redis:
+    return redis.Redis(
+        host="127.0.0.1",
+        port=port,
+        password=password,
+        socket_timeout=2.0,
+        socket_connect_timeout=2.0,
+    )
 
 
-def _asks(port: int, *command: str) -> Any:
+def _asks(port: int, *command: str, password: str | None = None) -> Any:
     """One command to a server or sentinel; None if it does not answer."""
     try:
-        with _client(port) as client:
+        with _client(port, password) as client:
             return client.execute_command(*command)
     except (redis.RedisError, OSError):
         return None
@@ -182,8 +188,8 @@ def _asks(port: int, *command: str) -> Any:
 class SentinelProcess(RedisServer):
     """``redis-sentinel`` watching one primary (short timeouts: a failover takes ~2 s)."""
 
-    def __init__(self, workdir: Path, primary_port: int) -> None:
-        super().__init__(workdir)
+    def __init__(self, workdir: Path, primary_port: int, password: str | None = None) -> None:
+        super().__init__(workdir, password=password)
         self.binary = shutil.which("redis-sentinel") or "/usr/bin/redis-sentinel"
         if not os.path.exists(self.binary):
             message = "redis-sentinel is not installed (apt-get install redis-sentinel)"
@@ -205,6 +211,11 @@ class SentinelProcess(RedisServer):
                     f"sentinel down-after-milliseconds {SERVICE} 400",
                     f"sentinel failover-timeout {SERVICE} 2000",
                     f"sentinel parallel-syncs {SERVICE} 1",
+                    *(
+                        [f"requirepass {self.password}", f"sentinel auth-pass {SERVICE} {self.password}"]
+                        if self.password
+                        else []
+                    ),
                     "",
                 ]
             )
@@ -221,11 +232,16 @@ class SentinelProcess(RedisServer):
 class SentinelGroup:
     """A primary, one replica and three sentinels on loopback, torn down by :meth:`kill`."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, password: str | None = None) -> None:
+        """``password``: of the data nodes and the sentinels alike."""
         self.workdir = workdir
+        self.password = password
         # A replica syncs at once (the default waits 5 s for more replicas to share the RDB).
-        self.primary = RedisServer(workdir, extra=("--repl-diskless-sync-delay", "0"))
-        self.replica = RedisServer(workdir)
+        auth = ("--masterauth", password) if password else ()
+        self.primary = RedisServer(
+            workdir, password=password, extra=("--repl-diskless-sync-delay", "0", *auth)
+        )
+        self.replica = RedisServer(workdir, password=password)
         self.sentinels: list[SentinelProcess] = []
 
     @property
@@ -240,7 +256,9 @@ class SentinelGroup:
                 *self.primary.extra, "--replicaof", "127.0.0.1", str(self.primary.port)
             )
             self.replica.start()
-            self.sentinels = [SentinelProcess(self.workdir, self.primary.port) for _ in range(3)]
+            self.sentinels = [
+                SentinelProcess(self.workdir, self.primary.port, self.password) for _ in range(3)
+            ]
             for sentinel in self.sentinels:
                 sentinel.start()
             _bounded(self._replica_in_sync, timeout, "the replica is in sync")
@@ -251,13 +269,13 @@ class SentinelGroup:
         return self
 
     def _replica_in_sync(self) -> bool:
-        info = _asks(self.replica.port, "INFO", "replication")
+        info = _asks(self.replica.port, "INFO", "replication", password=self.password)
         return bool(info) and info.get("master_link_status") == "up"
 
     def _sentinels_agree(self) -> bool:
         for sentinel in self.sentinels:
-            others = _asks(sentinel.port, "SENTINEL", "SENTINELS", SERVICE)
-            replicas = _asks(sentinel.port, "SENTINEL", "REPLICAS", SERVICE)
+            others = _asks(sentinel.port, "SENTINEL", "SENTINELS", SERVICE, password=self.password)
+            replicas = _asks(sentinel.port, "SENTINEL", "REPLICAS", SERVICE, password=self.password)
             if not others or len(others) < 2 or not replicas:
                 return False
         return True
@@ -265,7 +283,9 @@ class SentinelGroup:
     def primary_port(self) -> int | None:
         """The primary's port as the sentinels report it (the first that answers)."""
         for sentinel in self.sentinels:
-            answer = _asks(sentinel.port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
+            answer = _asks(
+                sentinel.port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE, password=self.password
+            )
             if answer:
                 return int(answer[1])
         return None
@@ -274,7 +294,7 @@ class SentinelGroup:
         """Return once the sentinels name the replica the primary and it accepts writes."""
 
         def promoted() -> bool:
-            role = _asks(self.replica.port, "ROLE")
+            role = _asks(self.replica.port, "ROLE", password=self.password)
             return self.primary_port() == self.replica.port and bool(role) and role[0] == b"master"
 
         _bounded(promoted, timeout, "the sentinels promote the replica")

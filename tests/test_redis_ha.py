@@ -87,6 +87,7 @@ class TestUrls:
             ("redis+cluster://:hunter2secret@h1,,h2", "empty host"),
             ("redis+cluster://:hunter2secret@h1?db=2", "unknown option 'db'"),
             ("memcached://:hunter2secret@h1", "redis+sentinel://"),
+            ("redis+cluster://:hunter2secret@h1?ssl_ca_certs=/ca.pem", "use rediss+cluster://"),
         ],
     )
     def test_bad_urls_name_store_redis_and_what_is_wrong(self, url: str, complaint: str) -> None:
@@ -247,6 +248,30 @@ class TestSentinel:
         )
         [event] = logs.events("store_replication_unacknowledged")
         assert event["connector"] == "ifs"
+
+    async def test_password_from_a_file_for_nodes_and_sentinels(
+        self, ifs_sim: IfsApps10Sim, ca_file: str, tmp_path: Path, make_broker: BrokerFactory
+    ) -> None:
+        """Sentinels and data nodes that want a password: store.redis_password from ${file:} opens both; a
+        second replica adopts the token; the password is shown nowhere."""
+        password = "sentinel-pass-0123456789"
+        group = SentinelGroup(tmp_path, password=password).start()
+        try:
+            secret = tmp_path / "redis-password"
+            secret.write_text(f"{password}\n")
+            store = fleet_store(group.url, redis_password=f"${{file:{secret}}}")
+            first = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file)}, store=store)
+            await first.broker.wait_ready(5)
+            second = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file)}, store=store)
+            await second.broker.connectors["ifs"].tokens.wait_usable(5)
+            assert ifs_sim.count_token_requests() == 1
+            status = first.broker.store_status()
+            assert status["up"] is True and status["mode"] == "sentinel"
+            assert password not in repr(status) and password not in str(
+                first.broker.config.redacted()
+            )
+        finally:
+            group.kill()
 
 
 # -- Cluster -------------------------------------------------------------------------------------
