@@ -89,7 +89,7 @@ class TestLeakAudit:
                 [sys.executable, "-m", "broker", "status", "-c", str(second.config_path), "--format", "json"],
                 capture_output=True, text=True, env={**os.environ, **env}, timeout=30,
             )
-            assert status.returncode == 0, status.stderr
+            assert status.returncode == 1, status.stderr  # connector "bad" is not up
             assert '"token_state"' in status.stdout
             outputs.append(status.stdout + status.stderr)
             second.signal(signal.SIGTERM)

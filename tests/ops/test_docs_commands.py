@@ -300,3 +300,14 @@ class TestBrokerCommands:
 def test_interpreter_is_a_virtualenv_or_ci() -> None:
     """The suite itself runs from a virtualenv (what the README and .ci/run set up)."""
     assert sys.prefix != sys.base_prefix
+
+
+def test_secret_rotation_is_documented_as_the_code_does_it() -> None:
+    """The guide says rotated Secrets are re-read every credentials_reload_interval (with the
+    code's default), not that pods must be rolled."""
+    from broker.config import Config
+
+    text = " ".join((ROOT / "docs" / "operations.md").read_text().split())
+    default = Config.model_fields["credentials_reload_interval"].default
+    assert f"`credentials_reload_interval` ({default:g} s by default)" in text
+    assert "roll the pods" not in text
