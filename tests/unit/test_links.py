@@ -226,7 +226,7 @@ class TestJsonBody:
             assert json.loads(whole) == ["\\" * run, BROKER + "/a"]
             assert split_run(body_links(), data, list(range(0, len(data), 7))) == whole
 
-    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(documents, st.integers(0, 2**32), st.lists(st.integers(0, 4000), max_size=40))
     def test_random_documents_and_splits(self, document: Any, seed: int, cuts: list[int]) -> None:
         """Any document, any escaping, any split: the rewrite equals the reference rewrite."""
@@ -261,7 +261,7 @@ class TestJsonBody:
             bulk = links._bulk(data, data.lower())
             assert (bulk is not None) is (odd == ""), odd
 
-    @settings(max_examples=60, deadline=None)
+    @settings(max_examples=40, deadline=None)
     @given(documents, st.integers(0, 2**32), st.sampled_from(["gzip", "deflate", "raw"]))
     def test_compressed_documents(self, document: Any, seed: int, kind: str) -> None:
         """gzip, zlib-wrapped and raw deflate bodies come out inflated and rewritten."""
