@@ -31,7 +31,15 @@ from .flow import answer_has_body
 from .http1 import InvalidHeader, UpstreamError
 from .http1 import Response as Upstream
 from .logs import info_line
-from .retry import AUTH, RATE_LIMITED, RetryBudget, backoff_delay, parse_retry_after, should_retry
+from .retry import (
+    AUTH,
+    RATE_LIMITED,
+    TRANSIENT,
+    RetryBudget,
+    backoff_delay,
+    parse_retry_after,
+    should_retry,
+)
 from .server import BodyReader, Request, Response, error_answer
 from .upstream import Connector
 
@@ -296,7 +304,7 @@ class Proxy:
         token = connector.tokens.valid()
         if token is None:
             token = await connector.tokens.get()
-        auth_replayed = False
+        auth_replayed = transient_retried = False
         attempts = 0
         while True:
             if not connector.turn_ready():
@@ -305,12 +313,37 @@ class Proxy:
             attempts += 1
             upstream = await self._send(connector, method, target, headers, body)
             status = upstream.status
-            if status in connector.auth_statuses and not auth_replayed and body.replayable:
+            verdict: str | None = None
+            data: bytes | None = None  # the body, when a matcher had to read it
+            if status in connector.rules.statuses:
+                verdict, data = await self._inspect(connector, upstream, method)
+            if (
+                (status in connector.auth_statuses or verdict == AUTH)
+                and not auth_replayed
+                and body.replayable
+            ):
                 upstream.release()
                 auth_replayed = True
                 connector.metrics.retries.labels(connector.name, AUTH).inc()
                 token = await connector.tokens.reject(token)
                 continue
+            if verdict == TRANSIENT and not transient_retried and body.replayable:
+                if budget is None:
+                    budget = RetryBudget(
+                        config.retry.max_retries, config.retry.max_wait, config.retry.max_total
+                    )
+                pause = backoff_delay(
+                    budget.retries, config.retry.base_delay, config.retry.max_wait
+                )
+                if budget.allows(pause):
+                    # Retried once (IFS's MI_MODIFIED_ERROR: raised before anything executed).
+                    upstream.release()
+                    budget.spend(pause)
+                    transient_retried = True
+                    connector.metrics.retries.labels(connector.name, TRANSIENT).inc()
+                    connector.metrics.backoff_seconds.labels(connector.name, TRANSIENT).inc(pause)
+                    await asyncio.sleep(pause)
+                    continue
             reason = should_retry(status, method)
             if reason is not None and body.replayable:
                 if budget is None:
@@ -333,7 +366,22 @@ class Proxy:
                         connector.metrics.backoff_seconds.labels(connector.name, reason).inc(wait)
                         await asyncio.sleep(wait)
                     continue
-            return await self._stream_back(request, upstream, request_id), status, attempts
+            answer = await self._stream_back(request, upstream, request_id, data)
+            return answer, status, attempts
+
+    @staticmethod
+    async def _inspect(
+        connector: Connector, upstream: Upstream, method: str
+    ) -> tuple[str | None, bytes | None]:
+        """What the connector's matchers make of an answer (reading a small body if needed)."""
+        try:
+            return await connector.rules.verdict(upstream, method)
+        except TimeoutError:
+            upstream.close()
+            raise UpstreamTimeout("the ERP stopped sending its response") from None
+        except UpstreamError as exc:
+            upstream.close()
+            raise UpstreamUnreachable(f"the ERP broke off its response: {exc}") from None
 
     async def _send(
         self,
@@ -371,7 +419,7 @@ class Proxy:
 
     @staticmethod
     async def _stream_back(
-        request: Request, upstream: Upstream, request_id: str
+        request: Request, upstream: Upstream, request_id: str, data: bytes | None = None
     ) -> Response | None:
         status = upstream.status
         length = upstream.content_length
@@ -384,8 +432,9 @@ class Proxy:
             if small:
                 # A small body of known length: read whole and answered in one write. The
                 # headers (the ERP's Content-Length and Content-Encoding among them) go out
-                # as they came.
-                data = await upstream.read()
+                # as they came. A matcher may have read it already.
+                if data is None:
+                    data = await upstream.read()
             else:
                 # The length as the ERP announced it; without one (chunked, or until the ERP
                 # closed) the body is chunked to the app.
@@ -403,4 +452,7 @@ class Proxy:
             upstream.close()  # a half-read body cannot go back to the pool
             raise
         upstream.release()
-        return Response(status, headers, data, upstream.reason) if small else None
+        if not small:
+            return None
+        assert data is not None
+        return Response(status, headers, data, upstream.reason)

@@ -12,6 +12,8 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRAC
 RATE_LIMITED = "rate_limited"
 GATEWAY_TIMEOUT = "gateway_timeout"
 AUTH = "auth"
+#: An ERP-specific transient error named by a connector's ``retry_on`` matchers.
+TRANSIENT = "transient"
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:

@@ -101,3 +101,11 @@ class Coordinator(Protocol):
     async def take_budget(self, key: str, requests: int, per_seconds: float) -> float:
         """Take one request from a sliding-window budget; return 0, or seconds to wait first."""
         ...
+
+    async def login_state(self, key: str) -> bytes | None:
+        """The login governor's state for a service account (:mod:`broker.governor`)."""
+        ...
+
+    async def set_login_state(self, key: str, value: bytes | None, ttl: float) -> None:
+        """Replace (or, with None, clear) that state; it expires after ``ttl`` seconds."""
+        ...
