@@ -38,6 +38,15 @@ def _age(timestamp: float | None, now: float) -> str:
     return f"{sign}{text}{suffix}"
 
 
+def _error_text(error: Any) -> str:
+    """``last_error`` as one cell: ``[cause] message``."""
+    if not error:
+        return "-"
+    if isinstance(error, dict):
+        return f"[{error.get('cause')}] {error.get('message', '')}"
+    return str(error)
+
+
 def render_table(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
@@ -77,7 +86,7 @@ async def status(config: Config, fmt: str) -> int:
                 info.get("token_state", "-"),
                 _age(info.get("expires_at"), now),
                 _age(info.get("last_refresh"), now),
-                (info.get("last_error") or "-")[:60],
+                _error_text(info.get("last_error"))[:60],
             ]
         )
     print(render_table(rows))
@@ -111,7 +120,8 @@ async def test_connection(config: Config, name: str | None, fmt: str) -> int:
             for warning in result.warnings:
                 print(f"warning: {result.connector}: {warning}", file=sys.stderr)
             mark = "ok  " if result.ok else "FAIL"
-            print(f"{mark}  {result.connector.ljust(width)}  {result.message}")
+            cause = f"[{result.cause}] " if result.cause else ""
+            print(f"{mark}  {result.connector.ljust(width)}  {cause}{result.message}")
     return EXIT_OK if ok else EXIT_FAILED
 
 

@@ -426,7 +426,9 @@ class TokenManager:
                     connector=self.name,
                 )
         task = self._inflight
-        if task is None:
+        if task is None or (force and task.done()):
+            # (A finished flight whose done-callback has not run yet is not joined by a
+            # forced request: it asks for a new token.)
             task = self._inflight = asyncio.create_task(
                 self._obtain(reason, force=force), name=f"token-{self.name}"
             )

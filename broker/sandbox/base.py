@@ -332,6 +332,13 @@ class Simulator(abc.ABC):
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
 
+    def set_switches(self, switches: Mapping[str, Any]) -> None:
+        """Set ``settable`` attributes (constructor keywords and ``/_sandbox/switches``)."""
+        for name, value in switches.items():
+            if name not in self.settable:
+                raise TypeError(f"{type(self).__name__} has no switch {name!r}")
+            setattr(self, name, self.settable[name](value))
+
     def _offset_clock(self) -> float:
         return time.monotonic() + self.clock_offset
 

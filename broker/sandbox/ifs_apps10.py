@@ -181,6 +181,7 @@ class IfsApps10Sim(Simulator):
         revoke_refresh_token: bool = False,
         native_resource: str | None = None,
         id_token_only: bool = False,
+        **switches: Any,
     ) -> None:
         super().__init__()
         _version(keycloak_version)
@@ -208,6 +209,7 @@ class IfsApps10Sim(Simulator):
         #: Logins refused because the user was locked (temporarily or for good).
         self.locked_refusals = 0
         self.login_failures = LoginFailures()
+        self.set_switches(switches)
         self.realm = realm
         self.client_id = client_id
         self.client_secret = client_secret

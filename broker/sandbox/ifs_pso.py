@@ -86,6 +86,7 @@ class PsoSim(Simulator):
         session_lifetime: float | None = None,
         session_idle_timeout: float | None = None,
         dead_session_style: str = "401",
+        **switches: Any,
     ) -> None:
         super().__init__()
         self.session_idle_timeout = session_idle_timeout
@@ -94,6 +95,7 @@ class PsoSim(Simulator):
         self.username = username
         self.password = password
         self.session_lifetime = session_lifetime
+        self.set_switches(switches)
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         router.add_post(PSO_BASE + "/session", self.token_route(self._login, "session"))

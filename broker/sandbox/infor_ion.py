@@ -110,6 +110,7 @@ class InforIonSim(Simulator):
         grant_idle_days: float = 30.0,
         rotation_period: float | None = None,
         smoothing: bool = False,
+        **switches: Any,
     ) -> None:
         super().__init__()
         self.grant_idle_days = grant_idle_days
@@ -133,6 +134,7 @@ class InforIonSim(Simulator):
         #: Decoded path prefixes that answer 403 even with a valid token (scope missing).
         self.forbidden_paths: set[str] = set()
         self._accepted: deque[float] = deque()
+        self.set_switches(switches)
 
     def ionapi(self, *, upper_keys: bool = False, pu_trailing_slash: bool = True) -> JSON:
         """A ``.ionapi`` document pointing at this simulator (start it first)."""
