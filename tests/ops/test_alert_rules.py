@@ -32,6 +32,8 @@ EXPECTED_ALERTS = {
     "ErpBrokerHighErrorRatio": "critical",
     "ErpBrokerLoginPaused": "critical",
     "ErpBrokerStoreDown": "warning",
+    "ErpBrokerServiceAccountLocked": "critical",
+    "ErpBrokerGrantIdleExpiry": "warning",
 }
 
 
