@@ -255,6 +255,7 @@ class TokenManager:
         self._clock = clock
         self._current: Token | None = None
         self._rejected: Token | None = None  # the current token, after the ERP refused it
+        self._rejected_at = 0.0
         self._inflight: asyncio.Task[Token] | None = None
         self._changed = asyncio.Event()
         self._has_token = asyncio.Event()
@@ -360,6 +361,7 @@ class TokenManager:
         """The ERP refused ``token``: get a new one, unless another request already did."""
         if token is self._current and token is not self._rejected:
             self._rejected = token
+            self._rejected_at = self._clock()
             self._update_gauges()
             log.info("token_rejected_by_erp", connector=self.name)
         current = self._current
@@ -469,7 +471,14 @@ class TokenManager:
             # Another replica may have just obtained a token: use it rather than ask for one,
             # and never refresh from a refresh token that it has rotated since.
             newest = await self._adopt_from_store()
-            if newest is not None and newest is self._current and not force:
+            if (
+                newest is not None
+                and newest is self._current
+                and not force
+                # A token the fleet obtained before the ERP refused ours may have died with
+                # it (a session ended): refresh from it, or log in, rather than replay with it.
+                and not (reason == "rejected" and newest.obtained_at <= self._rejected_at)
+            ):
                 return newest
             previous = newest or self._current
             now = self._clock()
