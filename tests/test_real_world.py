@@ -9,16 +9,26 @@ from __future__ import annotations
 import asyncio
 import itertools
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from broker.sandbox import IfsApps10Sim, PsoSim
+from broker.app import Broker, BrokerServer
+from broker.config import parse_config
+from broker.sandbox import IfsApps10Sim, InforIonSim, PsoSim
 from broker.sandbox.ifs_pso import PSO_BASE
 
-from .conftest import BrokerFactory, SimStarter, ifs_connector, metric, pso_connector
+from .conftest import (
+    BrokerFactory,
+    SimStarter,
+    ifs_connector,
+    infor_connector,
+    metric,
+    pso_connector,
+)
 from .procs import BrokerProcess
 
 PSO_ROUTE = "/pso" + PSO_BASE
@@ -357,3 +367,71 @@ class TestIfsGrants:
         assert form["resource"] == "5f0c-client-guid" and form["response_type"] == "id_token token"
         info = server.broker.connectors["ifs"].tokens.status()
         assert info["lifetime_source"] == "expires_in" and 170 < info["expires_in"] <= 180
+
+
+class WallClock:
+    """The broker's wall clock, moved ahead by the test together with the simulator's."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+class TestInforGrants:
+    async def test_idle_grant_kept_alive_across_simulated_days(
+        self, start_sim: SimStarter[InforIonSim], ca_file: str, store_path: str,
+        http: aiohttp.ClientSession,
+    ) -> None:
+        """No traffic for 35 simulated days (Infor kills a grant idle for 30): the broker
+        refreshes the idle grant before it dies, so no second password login is ever needed;
+        erp_broker_grant_idle_expiry_timestamp_seconds says when it would die."""
+        sim = await start_sim(InforIonSim(token_lifetime=45 * 86400))
+        clock = WallClock()
+        config = parse_config(
+            base_config(Path(store_path).parent, {"infor": infor_connector(sim, ca_file)})
+            | {"store": {"sqlite": store_path}}
+        )
+        server = BrokerServer(Broker(config, clock=clock))
+        await server.start()
+        try:
+            tokens = server.broker.connectors["infor"].tokens
+            await server.broker.wait_ready(5)
+            for day in range(1, 36):
+                sim.advance(86400)
+                clock.offset += 86400
+                tokens.wake()
+                if day == 25:  # grant_keepalive_days after the login
+                    async with asyncio.timeout(5):
+                        while tokens.current is None or tokens.current.grant != "refresh_token":
+                            await asyncio.sleep(0.01)
+            assert sim.idle_deaths == 0
+            before = tokens.current
+            assert before is not None
+            expiry = metric(server, "erp_broker_grant_idle_expiry_timestamp_seconds", connector="infor")
+            assert expiry == pytest.approx(before.obtained_at + 30 * 86400)
+            await tokens.refresh_now()  # the grant is alive on day 35
+            assert [(r.grant, r.status) for r in sim.token_requests] == [
+                ("password", 200), ("refresh_token", 200), ("refresh_token", 200)
+            ]
+            status, _ = await get_json(http, f"{server.proxy_url}/infor/ifsservice/usermgt/v2/users/me")
+            assert status == 200
+        finally:
+            await server.stop(revoke=False)
+
+    async def test_429_without_retry_after_falls_back_to_backoff(
+        self, start_sim: SimStarter[InforIonSim], ca_file: str, make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
+    ) -> None:
+        """Spike arrest's 429 without Retry-After: the broker backs off (jittered, within the
+        budget) and the request then succeeds."""
+        sim = await start_sim(InforIonSim(quota=(1, 0.2), quota_retry_after=False))
+        retry = {"base_delay": 0.5, "max_retries": 6}
+        server = await make_broker({"infor": infor_connector(sim, ca_file, retry=retry)})
+        url = f"{server.proxy_url}/infor/ifsservice/usermgt/v2/users/me"
+        assert (await get_json(http, url))[0] == 200
+        assert (await get_json(http, url))[0] == 200
+        statuses = [r.status for r in sim.api_requests]
+        assert 429 in statuses and statuses[-1] == 200
+        assert metric(server, "erp_broker_retries_total", connector="infor", reason="rate_limited") >= 1
