@@ -341,7 +341,8 @@ class TestIfsGrants:
             del connector[key]
         server = await make_broker({"ifs": connector})
         status, body = await get_json(http, f"{server.proxy_url}/ifs/int/orders")
-        assert status == 200 and body["credential"].startswith("Basic ")
+        assert (status, body["cluster"]) == (200, "integration")
+        assert ifs_sim.api_requests[-1].headers["Authorization"].startswith("Basic ")
         assert ifs_sim.token_requests == []
 
     async def test_native_provider_token_params_and_id_token(

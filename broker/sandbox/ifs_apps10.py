@@ -19,7 +19,7 @@ Routes (besides the shared ``/_sandbox/`` and ``/_test/`` ones of :mod:`broker.s
          POST <P>.svc/<Set>                         201 with the new entity
          GET|PATCH|DELETE <P>.svc/<Set>(<key>)      e.g. CustomerInfoSet(CustomerId='10%2F7')
     *    /int/{anything}                            the Apps 10 integration cluster: HTTP Basic
-                                                    with username/password → the echo answer
+                                                    with username/password → {"cluster", ...}
 
 Projections: CustomerHandling (CustomerInfoSet), PurchaseOrderHandling (PurchaseOrderSet),
 WorkOrderHandling (ActiveSeparateSet, numeric key ``WoNo=1001``). Recorded grants: the form's
@@ -239,7 +239,11 @@ class IfsApps10Sim(Simulator):
         router.add_post("/openid-connect-provider/idp/token", self.token_route(self._token))
         router.add_get("/openid-connect-provider/.well-known/openid-configuration", self._discovery)
         router.add_route("*", API_PREFIX + "/{tail:.*}", self.api_route(self._odata))
-        router.add_route("*", "/int/{tail:.*}", self.api_route(self._echo))
+        router.add_route("*", "/int/{tail:.*}", self.api_route(self._integration))
+
+    async def _integration(self, request: web.Request, call: ApiCall) -> web.Response:
+        body = {"cluster": "integration", "method": request.method, "path": request.path}
+        return json_response(body)
 
     def credential_of(self, request: web.Request) -> str | None:
         if request.path.startswith("/int/"):
