@@ -20,7 +20,8 @@ Control (no auth, not recorded)::
     POST /_sandbox/expire          every access token / session issued so far dies
     POST /_sandbox/revoke-refresh  every refresh token issued so far dies
     POST /_sandbox/credentials     {"password": "new", ...}: set attributes named in ``settable``
-    POST /_sandbox/switches        the same (switches and credentials are both ``settable``)
+    POST /_sandbox/switches        the same (switches and credentials are both ``settable``);
+                                   also as a query: ``?brute_force=true&failure_factor=5``
     POST /_sandbox/clock           {"advance": seconds}: the simulator's clock jumps ahead, so
                                    day-long lifetimes (Infor's 30-day grants) pass in a test
     GET  /_sandbox/state           counts: token requests by grant, API requests, revocations
@@ -241,6 +242,14 @@ def pattern_sha256(n: int) -> str:
     for chunk in pattern_chunks(n):
         digest.update(chunk)
     return digest.hexdigest()
+
+
+def _loose(text: str) -> Any:
+    """A query-string value as JSON if it is JSON (``true``, ``400``), else the text."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
 
 
 def as_str(value: Any) -> str:
@@ -737,7 +746,10 @@ class Simulator(abc.ABC):
 
     async def _control_credentials(self, request: web.Request) -> web.Response:
         try:
-            changes = await request.json(loads=orjson.loads)
+            if request.can_read_body:
+                changes = await request.json(loads=orjson.loads)
+            else:  # curl -X POST '…/_sandbox/switches?brute_force=true'
+                changes = {name: _loose(value) for name, value in request.query.items()}
             if not isinstance(changes, dict):
                 raise ValueError("expected a JSON object")
             converted: JSON = {}
