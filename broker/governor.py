@@ -90,7 +90,9 @@ class LoginGovernor:
     async def sync(self) -> LoginState:
         """Read the fleet's state (call it with the refresh lock held, before a login)."""
         raw = await self._coordinator.login_state(self.key)
-        if raw is not None:
+        if raw is None:
+            self.state = CLEAR  # cleared by a replica whose login worked (or expired)
+        else:
             try:
                 self.state = LoginState.from_json(raw)
             except (ValueError, TypeError, orjson.JSONDecodeError):

@@ -68,7 +68,9 @@ class TestPsoDeadSession:
                 payload = {"dsScheduleData": {"Activity": [{"id": "A1"}]}}
                 async with http.post(f"{proc.proxy_url}{PSO_ROUTE}/data", json=payload) as resp:
                     assert resp.status == 200
-                    assert (await resp.json())["dsScheduleData"]["Received"] == payload["dsScheduleData"]
+                    assert (await resp.json())["dsScheduleData"]["Received"] == payload[
+                        "dsScheduleData"
+                    ]
             assert sim.count_token_requests("session") == 2
             assert [r.status for r in sim.api_requests] == [200, 400, 200]
             await proc.wait_for_event("token_rejected_by_erp")
@@ -78,7 +80,11 @@ class TestPsoDeadSession:
 
     @pytest.mark.parametrize("style", ["200", "401"])
     async def test_other_styles(
-        self, style: str, start_sim: SimStarter[PsoSim], ca_file: str, make_broker: BrokerFactory,
+        self,
+        style: str,
+        start_sim: SimStarter[PsoSim],
+        ca_file: str,
+        make_broker: BrokerFactory,
         http: aiohttp.ClientSession,
     ) -> None:
         """The older 200-with-Code-401 style and a plain 401 recover the same way."""
@@ -102,7 +108,10 @@ class TestPsoDeadSession:
         assert pso_sim.count_token_requests("session") == 1
 
     async def test_matchers_can_be_switched_off(
-        self, start_sim: SimStarter[PsoSim], ca_file: str, make_broker: BrokerFactory,
+        self,
+        start_sim: SimStarter[PsoSim],
+        ca_file: str,
+        make_broker: BrokerFactory,
         http: aiohttp.ClientSession,
     ) -> None:
         """auth_failure: [] drops the defaults: the 400 goes back to the app as it came."""
@@ -114,7 +123,10 @@ class TestPsoDeadSession:
         assert (status, body) == (400, {"Message": "AUTHENTICATION_FAILED"})
 
     async def test_idle_timeout(
-        self, start_sim: SimStarter[PsoSim], ca_file: str, make_broker: BrokerFactory,
+        self,
+        start_sim: SimStarter[PsoSim],
+        ca_file: str,
+        make_broker: BrokerFactory,
         http: aiohttp.ClientSession,
     ) -> None:
         """A session the Gateway dropped for idleness is replaced on the next call."""
@@ -128,7 +140,10 @@ class TestPsoDeadSession:
 
 class TestMiModifiedError:
     async def test_post_retried_once_with_two_erp_attempts(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory,
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
         http: aiohttp.ClientSession,
     ) -> None:
         """A POST hit by one MI_MODIFIED_ERROR succeeds with exactly two ERP attempts."""
@@ -142,7 +157,10 @@ class TestMiModifiedError:
         assert metric(server, "erp_broker_retries_total", connector="ifs", reason="transient") == 1
 
     async def test_only_once_and_only_with_the_matcher(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory,
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
         http: aiohttp.ClientSession,
     ) -> None:
         """Two MI_MODIFIED_ERRORs in a row: the second goes back; retry_on: [] retries none;
@@ -159,7 +177,10 @@ class TestMiModifiedError:
             {"ifs": ifs_connector(ifs_sim, ca_file, retry_on=[], route="/off/")}
         )
         ifs_sim.mi_modified_errors = 1
-        status, _ = await get_json(http, f"{off.proxy_url}/off/main/ifsapplications/projection/v1/AllProjections.svc/Projections")
+        status, _ = await get_json(
+            http,
+            f"{off.proxy_url}/off/main/ifsapplications/projection/v1/AllProjections.svc/Projections",
+        )
         assert status == 500 and len(ifs_sim.api_requests) == 4
 
 
@@ -223,7 +244,10 @@ class TestLockoutSafeLogins:
                 assert "may be locked by the identity provider" in answers[-1][1]
                 async with http.get(f"{proc.admin_url}/metrics") as resp:
                     scraped = await resp.text()
-                assert 'erp_broker_login_failures_total{cause="invalid_credentials",connector="ifs"} 4.0' in scraped
+                assert (
+                    'erp_broker_login_failures_total{cause="invalid_credentials",connector="ifs"} 4.0'
+                    in scraped
+                )
                 assert 'erp_broker_login_suspended{connector="ifs"} 1.0' in scraped
                 # The operator fixes the secret: one login, and traffic flows.
                 secret.write_text(sim.password + "\n")
@@ -236,7 +260,10 @@ class TestLockoutSafeLogins:
             await proc.wait()
 
     async def test_operator_refresh_resumes_a_paused_connector(
-        self, start_sim: SimStarter[IfsApps10Sim], ca_file: str, make_broker: BrokerFactory,
+        self,
+        start_sim: SimStarter[IfsApps10Sim],
+        ca_file: str,
+        make_broker: BrokerFactory,
         http: aiohttp.ClientSession,
     ) -> None:
         """Paused after max_failures; once the account is fixed at the identity provider,
@@ -266,7 +293,12 @@ class TestCauses:
         ("sim_switches", "overrides", "cause", "names"),
         [
             ({}, {"password": "wrong"}, "invalid_credentials", "username and password"),
-            ({"keycloak_version": "26.6"}, {"password": "wrong"}, "invalid_credentials", "brute-force"),
+            (
+                {"keycloak_version": "26.6"},
+                {"password": "wrong"},
+                "invalid_credentials",
+                "brute-force",
+            ),
             ({"user_enabled": False}, {}, "account_disabled", "enable it"),
             ({"user_set_up": False}, {}, "account_not_set_up", "password policy"),
             ({"direct_grants": False}, {}, "client_not_allowed", "Direct access grants"),
@@ -275,9 +307,16 @@ class TestCauses:
         ],
     )
     async def test_cause_in_connectors_metric_and_test_connection(
-        self, sim_switches: dict[str, Any], overrides: dict[str, Any], cause: str, names: str,
-        start_sim: SimStarter[IfsApps10Sim], ca_file: str, make_broker: BrokerFactory,
-        http: aiohttp.ClientSession, tmp_path: Path,
+        self,
+        sim_switches: dict[str, Any],
+        overrides: dict[str, Any],
+        cause: str,
+        names: str,
+        start_sim: SimStarter[IfsApps10Sim],
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
+        tmp_path: Path,
     ) -> None:
         """Each Keycloak failure has its cause in /connectors, the metric, the auth_failed
         message and test-connection; the message names what to check, never a secret."""
@@ -311,14 +350,27 @@ class TestCauses:
             # It may join the start-up login still in flight: ask until a new token is made.
             while await tokens.refresh_now() is before:
                 pass
-        assert [r.grant for r in ifs_sim.token_requests] == ["password", "refresh_token", "password"]
-        assert metric(server, "erp_broker_login_failures_total", connector="ifs", cause="refresh_rejected") == 1
+        assert [r.grant for r in ifs_sim.token_requests] == [
+            "password",
+            "refresh_token",
+            "password",
+        ]
+        assert (
+            metric(
+                server, "erp_broker_login_failures_total", connector="ifs", cause="refresh_rejected"
+            )
+            == 1
+        )
         assert tokens.status()["login"]["failures_in_a_row"] == 0 and tokens.usable()
 
 
 class TestIfsGrants:
     async def test_client_credentials(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """auth: client_credentials needs only the client; no refresh token; a new token
         ahead of expiry."""
@@ -326,14 +378,20 @@ class TestIfsGrants:
         del connector["username"], connector["password"]
         ifs_sim.token_lifetime = 8
         server = await make_broker({"ifs": connector})
-        status, _ = await get_json(http, f"{server.proxy_url}{IFS_API}/AllProjections.svc/Projections")
+        status, _ = await get_json(
+            http, f"{server.proxy_url}{IFS_API}/AllProjections.svc/Projections"
+        )
         assert status == 200
         await ifs_sim.wait_for_token_requests(2, timeout=10)
         assert {r.grant for r in ifs_sim.token_requests} == {"client_credentials"}
         assert "username" not in ifs_sim.token_requests[0].form
 
     async def test_basic(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """auth: basic sends HTTP Basic on every request; no token endpoint is called."""
         connector = ifs_connector(ifs_sim, ca_file, auth="basic")
@@ -346,8 +404,12 @@ class TestIfsGrants:
         assert ifs_sim.token_requests == []
 
     async def test_native_provider_token_params_and_id_token(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory,
-        http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch,
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
+        monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         """token_params (a ${…} reference) reach the native provider; inject: id_token sends
         the ID token as the Bearer; expires_in as a string is understood."""
@@ -362,7 +424,9 @@ class TestIfsGrants:
             inject="id_token",
         )
         server = await make_broker({"ifs": connector})
-        status, _ = await get_json(http, f"{server.proxy_url}{IFS_API}/AllProjections.svc/Projections")
+        status, _ = await get_json(
+            http, f"{server.proxy_url}{IFS_API}/AllProjections.svc/Projections"
+        )
         assert status == 200
         form = ifs_sim.token_requests[0].form
         assert form["resource"] == "5f0c-client-guid" and form["response_type"] == "id_token token"
@@ -382,7 +446,10 @@ class WallClock:
 
 class TestInforGrants:
     async def test_idle_grant_kept_alive_across_simulated_days(
-        self, start_sim: SimStarter[InforIonSim], ca_file: str, store_path: str,
+        self,
+        start_sim: SimStarter[InforIonSim],
+        ca_file: str,
+        store_path: str,
         http: aiohttp.ClientSession,
     ) -> None:
         """No traffic for 35 simulated days (Infor kills a grant idle for 30): the broker
@@ -410,19 +477,28 @@ class TestInforGrants:
             assert sim.idle_deaths == 0
             before = tokens.current
             assert before is not None
-            expiry = metric(server, "erp_broker_grant_idle_expiry_timestamp_seconds", connector="infor")
+            expiry = metric(
+                server, "erp_broker_grant_idle_expiry_timestamp_seconds", connector="infor"
+            )
             assert expiry == pytest.approx(before.obtained_at + 30 * 86400)
             await tokens.refresh_now()  # the grant is alive on day 35
             assert [(r.grant, r.status) for r in sim.token_requests] == [
-                ("password", 200), ("refresh_token", 200), ("refresh_token", 200)
+                ("password", 200),
+                ("refresh_token", 200),
+                ("refresh_token", 200),
             ]
-            status, _ = await get_json(http, f"{server.proxy_url}/infor/ifsservice/usermgt/v2/users/me")
+            status, _ = await get_json(
+                http, f"{server.proxy_url}/infor/ifsservice/usermgt/v2/users/me"
+            )
             assert status == 200
         finally:
             await server.stop(revoke=False)
 
     async def test_429_without_retry_after_falls_back_to_backoff(
-        self, start_sim: SimStarter[InforIonSim], ca_file: str, make_broker: BrokerFactory,
+        self,
+        start_sim: SimStarter[InforIonSim],
+        ca_file: str,
+        make_broker: BrokerFactory,
         http: aiohttp.ClientSession,
     ) -> None:
         """Spike arrest's 429 without Retry-After: the broker backs off (jittered, within the
@@ -435,4 +511,7 @@ class TestInforGrants:
         assert (await get_json(http, url))[0] == 200
         statuses = [r.status for r in sim.api_requests]
         assert 429 in statuses and statuses[-1] == 200
-        assert metric(server, "erp_broker_retries_total", connector="infor", reason="rate_limited") >= 1
+        assert (
+            metric(server, "erp_broker_retries_total", connector="infor", reason="rate_limited")
+            >= 1
+        )

@@ -25,8 +25,12 @@ from .test_redis import (  # noqa: F401  (fixtures)
 
 class TestFleetLoginSpacing:
     async def test_three_replicas_share_the_spacing(
-        self, start_sim: SimStarter[IfsApps10Sim], ca_file: str, redis_url: str,  # noqa: F811
-        make_broker: BrokerFactory, http: aiohttp.ClientSession,  # noqa: F811
+        self,
+        start_sim: SimStarter[IfsApps10Sim],
+        ca_file: str,
+        redis_url: str,  # noqa: F811
+        make_broker: BrokerFactory,  # noqa: F811
+        http: aiohttp.ClientSession,
     ) -> None:
         """Three replicas with a wrong password under traffic: one failed login per interval
         for the whole fleet, suspended after max_failures, the account never locked."""
@@ -53,7 +57,9 @@ class TestFleetLoginSpacing:
         assert sim.locked_refusals == 0 and not sim.locked()
         assert set(statuses) <= {502, 503}
         total = sum(
-            metric(s, "erp_broker_login_failures_total", connector="ifs", cause="invalid_credentials")
+            metric(
+                s, "erp_broker_login_failures_total", connector="ifs", cause="invalid_credentials"
+            )
             for s in fleet
         )
         assert total == 3
@@ -61,8 +67,12 @@ class TestFleetLoginSpacing:
 
 class TestRevokeRefreshToken:
     async def test_rotations_across_two_replicas_never_reuse(
-        self, server_ssl: ssl.SSLContext, ca_file: str, redis_url: str,  # noqa: F811
-        make_broker: BrokerFactory, http: aiohttp.ClientSession,  # noqa: F811
+        self,
+        server_ssl: ssl.SSLContext,
+        ca_file: str,
+        redis_url: str,  # noqa: F811
+        make_broker: BrokerFactory,  # noqa: F811
+        http: aiohttp.ClientSession,
     ) -> None:
         """With Revoke Refresh Token on, three rotations across two replicas under traffic
         present no used refresh token; when the session ends anyway, one login and the other
@@ -70,7 +80,9 @@ class TestRevokeRefreshToken:
         sim = IfsApps10Sim(revoke_refresh_token=True, token_lifetime=2)
         await sim.start(ssl_context=server_ssl)
         try:
-            fleet = await start_fleet(make_broker, 2, ifs_connector(sim, ca_file), fleet_store(redis_url))
+            fleet = await start_fleet(
+                make_broker, 2, ifs_connector(sim, ca_file), fleet_store(redis_url)
+            )
             traffic = Traffic(http, [s.proxy_url for s in fleet])
             try:
                 await sim.wait_for_token_requests(4, timeout=10)  # a login, three rotations
