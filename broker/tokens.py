@@ -450,13 +450,13 @@ class TokenManager:
             ) from None
         except CredentialsRejected as exc:
             raise AuthFailed(
-                f"the ERP rejected the configured credentials: {exc}"
+                f"the ERP rejected the configured credentials ({exc.cause}): {exc}"
                 + (f"; {self._paused_message()}" if self._governor.state.suspended else ""),
                 connector=self.name,
             ) from None
         except TokenError as exc:
             raise AuthFailed(
-                f"no credential could be obtained: {exc}", connector=self.name
+                f"no credential could be obtained ({exc.cause}): {exc}", connector=self.name
             ) from None
 
     def _flight_done(self, task: asyncio.Task[Token]) -> None:

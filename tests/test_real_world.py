@@ -30,20 +30,14 @@ from .conftest import (
     pso_connector,
 )
 from .procs import BrokerProcess
+from .test_infor import broker_config
 
 PSO_ROUTE = "/pso" + PSO_BASE
 IFS_API = "/ifs/main/ifsapplications/projection/v1"
 
 
 def base_config(tmp_path: Path, connectors: dict[str, Any], **top: Any) -> dict[str, Any]:
-    return {
-        "listen": "127.0.0.1:0",
-        "admin_listen": "127.0.0.1:0",
-        "store": {"sqlite": str(tmp_path / "tokens.db")},
-        "grace_period": 2,
-        "connectors": connectors,
-        **top,
-    }
+    return broker_config(connectors, tmp_path) | top
 
 
 async def get_json(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:

@@ -121,7 +121,8 @@ class Hints:
 
 
 def _rejected(cause: str, status: int, detail: str, hint: str) -> CredentialsRejected:
-    return CredentialsRejected(f"{cause} ({status} {detail or 'no detail'}): {hint}", cause=cause)
+    what = "client rejected" if cause in (INVALID_CLIENT, CLIENT_NOT_ALLOWED) else "login rejected"
+    return CredentialsRejected(f"{what} ({status} {detail or 'no detail'}): {hint}", cause=cause)
 
 
 def classify_oauth(status: int, body: Any, *, grant: str, hints: Hints) -> Any:
