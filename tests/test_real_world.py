@@ -298,6 +298,12 @@ class TestCauses:
             ({"direct_grants": False}, {}, "client_not_allowed", "Direct access grants"),
             ({}, {"client_secret": "wrong"}, "invalid_client", "client_secret"),
             ({"client_enabled": False}, {}, "invalid_client", "enabled"),
+            (
+                {"service_accounts": False},
+                {"auth": "client_credentials"},
+                "client_not_allowed",
+                "Service accounts",
+            ),
         ],
     )
     async def test_cause_in_connectors_metric_and_test_connection(
