@@ -376,7 +376,7 @@ class TestIfsGrants:
         ahead of expiry."""
         connector = ifs_connector(ifs_sim, ca_file, auth="client_credentials")
         del connector["username"], connector["password"]
-        ifs_sim.token_lifetime = 8
+        ifs_sim.token_lifetime = 3
         server = await make_broker({"ifs": connector})
         status, _ = await get_json(
             http, f"{server.proxy_url}{IFS_API}/AllProjections.svc/Projections"
@@ -514,4 +514,23 @@ class TestInforGrants:
         assert (
             metric(server, "erp_broker_retries_total", connector="infor", reason="rate_limited")
             >= 1
+        )
+
+    async def test_rate_smoothing_delays_instead_of_refusing(
+        self,
+        start_sim: SimStarter[InforIonSim],
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
+    ) -> None:
+        """Spike arrest that smooths (delays) instead of refusing: every request succeeds, no
+        retry is needed."""
+        sim = await start_sim(InforIonSim(quota=(1, 0.2), smoothing=True))
+        server = await make_broker({"infor": infor_connector(sim, ca_file)})
+        url = f"{server.proxy_url}/infor/ifsservice/usermgt/v2/users/me"
+        results = await asyncio.gather(*(get_json(http, url) for _ in range(4)))
+        assert [status for status, _ in results] == [200] * 4
+        assert (
+            metric(server, "erp_broker_retries_total", connector="infor", reason="rate_limited")
+            == 0
         )
