@@ -39,6 +39,15 @@ def _age(timestamp: float | None, now: float) -> str:
     return f"{sign}{text}{suffix}"
 
 
+def _error_text(error: Any) -> str:
+    """``last_error`` as one cell: ``[cause] message``."""
+    if not error:
+        return "-"
+    if isinstance(error, dict):
+        return f"[{error.get('cause')}] {error.get('message', '')}"
+    return str(error)
+
+
 def render_table(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
@@ -90,7 +99,7 @@ async def status(config: Config, fmt: str) -> int:
     # The whole cause, hint included: never cut to fit a column.
     for name, info in data.items():
         if info.get("last_error"):
-            print(f"{name}: last error: {info['last_error']}")
+            print(f"{name}: last error: {_error_text(info['last_error'])}")
     if down:
         print(f"not up: {', '.join(sorted(down))}", file=sys.stderr)
     return code
@@ -137,7 +146,8 @@ async def test_connection(
             for warning in result.warnings:
                 print(f"warning: {result.connector}: {warning}", file=sys.stderr)
             mark = "ok  " if result.ok else "FAIL"
-            print(f"{mark}  {result.connector.ljust(width)}  {result.message}")
+            cause = f"[{result.cause}] " if result.cause else ""
+            print(f"{mark}  {result.connector.ljust(width)}  {cause}{result.message}")
             if verbose:
                 for step in result.steps:
                     print(f"      {' ' * width}  {step}")

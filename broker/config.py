@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 import orjson
@@ -57,6 +57,9 @@ DEFAULT_LOCK_LEASE = 10.0
 IFS_PROJECTION_BASE = "main/ifsapplications/projection/v1"
 PSO_SESSION_PATH = "IFSSchedulingRESTfulGateway/api/v1/scheduling/session"
 INFOR_CHECK_PATH = "ifsservice/usermgt/v2/users/me"
+
+#: A model-level problem about named keys: "<marker>key1,key2:text" (see parse_config).
+KEY_PROBLEM = "@keys:"
 
 _REFERENCE = re.compile(r"\$\{(?P<body>[^}]*)\}")
 
@@ -127,6 +130,34 @@ class LoginBackoff(_Model):
 
     initial: float = Field(default=30.0, gt=0)
     max: float = Field(default=900.0, gt=0)
+    max_failures: int = Field(
+        default=5, ge=1, description="rejections in a row before logins pause until told"
+    )
+
+
+class ResponseMatcher(_Model):
+    """An ERP answer that means something besides its status (``auth_failure``, ``retry_on``).
+
+    ``body``: a text the body must contain; ``json_code``: the ``Code`` a JSON object body must
+    carry at its top level. Bodies are inspected only when small (<= 64 KiB, with a
+    Content-Length) and not compressed.
+    """
+
+    status: int = Field(ge=100, le=599)
+    body: str | None = Field(default=None, min_length=1)
+    json_code: int | None = None
+    any_method: bool = False
+
+
+#: PSO Gateways answer a dead session on a data call with these (erp-protocols.md); any 401
+#: is a rejected credential anyway.
+PSO_AUTH_FAILURE = (
+    ResponseMatcher(status=400, body="AUTHENTICATION_FAILED"),
+    ResponseMatcher(status=400, body="INVALID_SESSION"),
+    ResponseMatcher(status=200, json_code=401),
+)
+#: IFS raises it before executing anything after a metadata change; IFS says retry once.
+IFS_RETRY_ON = (ResponseMatcher(status=500, body="MI_MODIFIED_ERROR", any_method=True),)
 
 
 class ConnectorBase(_Model):
@@ -153,6 +184,20 @@ class ConnectorBase(_Model):
     rewrite_links: bool = False
     #: When the service account's password or client secret expires (a date, UTC midnight).
     credentials_expire: datetime.date | None = None
+    #: None: the connector type's defaults (an empty list: none).
+    auth_failure: tuple[ResponseMatcher, ...] | None = None
+    retry_on: tuple[ResponseMatcher, ...] | None = None
+
+    DEFAULT_AUTH_FAILURE: ClassVar[tuple[ResponseMatcher, ...]] = ()
+    DEFAULT_RETRY_ON: ClassVar[tuple[ResponseMatcher, ...]] = ()
+
+    def auth_failure_matchers(self) -> tuple[ResponseMatcher, ...]:
+        """``auth_failure`` (or the type's defaults) plus the short form's statuses."""
+        listed = self.DEFAULT_AUTH_FAILURE if self.auth_failure is None else self.auth_failure
+        return (*listed, *(ResponseMatcher(status=s) for s in self.auth_failure_statuses))
+
+    def retry_on_matchers(self) -> tuple[ResponseMatcher, ...]:
+        return self.DEFAULT_RETRY_ON if self.retry_on is None else self.retry_on
 
     @field_validator("domain")
     @classmethod
@@ -226,13 +271,18 @@ class ConnectorBase(_Model):
 
 
 class IfsApps10Config(ConnectorBase):
+    DEFAULT_RETRY_ON: ClassVar[tuple[ResponseMatcher, ...]] = IFS_RETRY_ON
+
     type: Literal["ifs_apps10"]
+    auth: Literal["password", "client_credentials", "basic"] = "password"
     realm: str | None = None
-    client_id: str
-    client_secret: SecretStr
-    username: str
-    password: SecretStr
+    client_id: str | None = None
+    client_secret: SecretStr | None = None
+    username: str | None = None
+    password: SecretStr | None = None
     token_url: str | None = None
+    token_params: dict[str, str] = Field(default_factory=dict)
+    inject: Literal["access_token", "id_token"] = "access_token"
     scope: str = "openid"
     test_path: str = f"{IFS_PROJECTION_BASE}/AllProjections.svc/Projections"
     projection_base: str = IFS_PROJECTION_BASE
@@ -242,8 +292,19 @@ class IfsApps10Config(ConnectorBase):
     @model_validator(mode="after")
     def _check(self) -> IfsApps10Config:
         self._require_location()
-        if not self.realm and not self.token_url:
+        needed = {
+            "password": ("client_id", "client_secret", "username", "password"),
+            "client_credentials": ("client_id", "client_secret"),
+            "basic": ("username", "password"),
+        }[self.auth]
+        missing = [key for key in needed if getattr(self, key) is None]
+        if missing:
+            # Reported at each key's own path (see parse_config).
+            raise ValueError(f"{KEY_PROBLEM}{','.join(missing)}:required key is missing")
+        if self.auth != "basic" and not self.realm and not self.token_url:
             raise ValueError(NEED_REALM)
+        if self.auth == "basic" and self.inject != "access_token":
+            raise ValueError("inject applies to token grants, not to auth: basic")
         return self
 
     def resolved_token_url(self) -> str:
@@ -255,15 +316,20 @@ class IfsApps10Config(ConnectorBase):
 
     def fingerprint_material(self) -> list[str]:
         return [
-            self.resolved_token_url(),
-            self.client_id,
-            self.client_secret.get(),
-            self.username,
-            self.password.get(),
+            self.auth,
+            "" if self.auth == "basic" else self.resolved_token_url(),
+            self.client_id or "",
+            self.client_secret.get() if self.client_secret else "",
+            self.username or "",
+            self.password.get() if self.password else "",
+            self.inject,
+            *(f"{k}={v}" for k, v in sorted(self.token_params.items())),
         ]
 
 
 class IfsPsoConfig(ConnectorBase):
+    DEFAULT_AUTH_FAILURE: ClassVar[tuple[ResponseMatcher, ...]] = PSO_AUTH_FAILURE
+
     type: Literal["ifs_pso"]
     account_id: str
     username: str
@@ -357,6 +423,8 @@ class InforIonConfig(ConnectorBase):
     ionapi: Annotated[IonApi | None, BeforeValidator(_read_ionapi)] = None
     tenant_in_path: bool = True
     grant_keepalive_days: float = Field(default=25.0, gt=0)
+    #: An Infor refresh grant dies after this many idle days (Infor's default: 30).
+    grant_lifetime_days: float = Field(default=30.0, gt=1)
     revoke_on_shutdown: bool = True
 
     @model_validator(mode="after")
@@ -676,7 +744,12 @@ def _blocked_checks(data: Mapping[str, Any], failed: set[str]) -> list[tuple[str
             if kind in ("ifs_apps10", "ifs_pso") and not raw.get("domain"):
                 if not raw.get("base_url"):
                     problems.append((where, NEED_LOCATION))
-            if kind == "ifs_apps10" and not raw.get("realm") and not raw.get("token_url"):
+            if (
+                kind == "ifs_apps10"
+                and raw.get("auth", "password") != "basic"
+                and not raw.get("realm")
+                and not raw.get("token_url")
+            ):
                 problems.append((where, NEED_REALM))
             if kind == "infor_ion" and ("ionapi_file" in raw) == ("ionapi" in raw):
                 problems.append((where, NEED_ONE_IONAPI))
@@ -720,7 +793,12 @@ def parse_config(
             # A reference that could not be resolved is reported once, as such.
             if where in failed_paths:
                 continue
-            problems.append(f"{source}: {where}: {_problem_text(error)}")
+            text = _problem_text(error)
+            if text.startswith(KEY_PROBLEM):
+                keys, _, text = text.removeprefix(KEY_PROBLEM).partition(":")
+                problems.extend(f"{source}: {where}.{key}: {text}" for key in keys.split(","))
+                continue
+            problems.append(f"{source}: {where}: {text}")
         for where, text in _blocked_checks(data, reported):
             problems.append(f"{source}: {where}: {text}")
         raise ConfigError(problems) from None

@@ -101,6 +101,7 @@ def intro_lines(proxy: str, admin: str) -> list[str]:
 
 def curl_lines(proxy: str, admin: str, sandboxes: Sandboxes) -> list[str]:
     tenant = sandboxes.infor.tenant
+    ifs, pso = sandboxes.ifs.url, sandboxes.pso.url
     projection = "main/ifsapplications/projection/v1"
     customers = f"{proxy}/ifs/{projection}/CustomerHandling.svc/CustomerInfoSet"
     return f"""Try these (the broker adds the credential; you send none):
@@ -124,7 +125,22 @@ def curl_lines(proxy: str, admin: str, sandboxes: Sandboxes) -> list[str]:
   curl -s {admin}/metrics | grep '^erp_broker_token'
   curl -s -X POST {admin}/connectors/ifs/refresh
   curl -s {admin}/connectors/ifs/openapi | head -40
-  curl -s -X POST {admin}/connectors/infor/test""".splitlines()
+  curl -s -X POST {admin}/connectors/infor/test
+
+Make the ERPs behave as real ones do (simulator switches, see broker/sandbox/), and watch:
+
+  # PSO forgets its sessions and says so with 400 AUTHENTICATION_FAILED: one login, one replay
+  curl -s -X POST '{pso}/_sandbox/switches?dead_session_style=400'
+  curl -s -X POST {pso}/_sandbox/expire
+  curl -s '{proxy}/pso/IFSSchedulingRESTfulGateway/api/v1/scheduling/resource'
+  curl -s {admin}/metrics | grep 'erp_broker_retries_total{{connector="pso",reason="auth"}} [1-9]'
+
+  # Keycloak disables the service user: the broker pauses logins instead of hammering it;
+  # {admin}/connectors shows last_error.cause "account_disabled" and what to check
+  curl -s -X POST '{ifs}/_sandbox/switches?user_enabled=false&brute_force=true'
+  curl -s -X POST {ifs}/_sandbox/expire
+  # …then enable the user again: the broker logs in after login_backoff.initial (30 s)
+  curl -s -X POST '{ifs}/_sandbox/switches?user_enabled=true'""".splitlines()
 
 
 def command_lines(config_file: Path) -> list[str]:

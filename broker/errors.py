@@ -51,22 +51,36 @@ class EncryptionKeyError(StoreError):
 
 
 class TokenError(BrokerError):
-    """The token endpoint did not give a usable credential."""
+    """The token endpoint did not give a usable credential.
+
+    ``cause`` is the precise reason shown to operators (``/connectors`` ``last_error.cause``,
+    ``erp_broker_login_failures_total{cause}``): ``invalid_credentials``, ``account_disabled``,
+    ``account_not_set_up``, ``client_not_allowed``, ``invalid_client``, ``refresh_rejected``
+    or ``endpoint_error``.
+    """
 
     #: What kind of failure, for logs and ``/connectors`` ("rejected", "transient", ...).
     kind = "error"
+    cause = "endpoint_error"
+
+    def __init__(self, message: str, *, cause: str | None = None) -> None:
+        super().__init__(message)
+        if cause is not None:
+            self.cause = cause
 
 
 class CredentialsRejected(TokenError):
     """The ERP rejected the configured credentials; retrying would only lock the account."""
 
     kind = "credentials_rejected"
+    cause = "invalid_credentials"
 
 
 class RefreshRejected(TokenError):
     """The refresh token was rejected (expired, used, revoked); a fresh login may still work."""
 
     kind = "refresh_rejected"
+    cause = "refresh_rejected"
 
 
 class TokenEndpointError(TokenError):

@@ -109,6 +109,28 @@ class Metrics:
             ["connector"],
             registry=r,
         )
+        self.login_failures = Counter(
+            "erp_broker_login_failures_total",
+            "Failed token or login requests, by cause (invalid_credentials, account_disabled, "
+            "account_not_set_up, client_not_allowed, invalid_client, refresh_rejected, "
+            "endpoint_error).",
+            ["connector", "cause"],
+            registry=r,
+        )
+        self.login_suspended = Gauge(
+            "erp_broker_login_suspended",
+            "1 while logins stay paused after login_backoff.max_failures rejections in a row, "
+            "until the credentials change or an operator asks for a refresh.",
+            ["connector"],
+            registry=r,
+        )
+        self.grant_idle_expiry = Gauge(
+            "erp_broker_grant_idle_expiry_timestamp_seconds",
+            "Unix time at which the refresh grant dies if it stays idle (last use + "
+            "grant_lifetime_days); 0 when the connector holds no refresh grant.",
+            ["connector"],
+            registry=r,
+        )
         self.inflight = Gauge(
             "erp_broker_inflight_requests",
             "Proxy requests currently being handled.",

@@ -54,6 +54,8 @@ class ProbeResult:
     warnings: list[str] = field(default_factory=list)
     #: What was done, one line per step (`test-connection -v`): URLs and statuses, no secret.
     steps: list[str] = field(default_factory=list)
+    #: Why the login failed (``invalid_credentials``, ``account_disabled``, ...), else None.
+    cause: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -61,6 +63,7 @@ class ProbeResult:
             "type": self.type,
             "ok": self.ok,
             "stage": self.stage,
+            "cause": self.cause,
             "message": self.message,
             "token_ms": self.token_ms,
             "check": {
@@ -143,10 +146,10 @@ async def probe(name: str, config: ConnectorConfig) -> ProbeResult:
             try:
                 token = await credentials.login()
             except CredentialsRejected as exc:
-                result.message = f"login rejected: {exc}"
+                result.message, result.cause = f"login rejected: {exc}", exc.cause
                 return result
             except TokenError as exc:
-                result.message = f"login failed: {exc}"
+                result.message, result.cause = f"login failed: {exc}", exc.cause
                 return result
             result.token_ms = round((time.perf_counter() - started) * 1000, 1)
             result.steps.append(_lifetime(token))

@@ -40,6 +40,7 @@ from .retry import (
     IDEMPOTENT_METHODS,
     RATE_LIMITED,
     STALE_CONNECTION,
+    TRANSIENT,
     RetryBudget,
     backoff_delay,
     parse_retry_after,
@@ -341,7 +342,7 @@ class Proxy:
         token = connector.tokens.valid()
         if token is None:
             token = await connector.tokens.get()
-        auth_replayed = False
+        auth_replayed = transient_retried = False
         # A request found a pooled connection closed by the ERP is sent once more, on a new
         # connection, when that is safe (the ERP never saw it; idempotent, body replayable).
         stale_replay = method in IDEMPOTENT_METHODS and body.replayable
@@ -365,7 +366,15 @@ class Proxy:
             status = upstream.status
             if trace is not None:
                 trace.answered(status)
-            if status in connector.auth_statuses and not auth_replayed and body.replayable:
+            verdict: str | None = None
+            data: bytes | None = None  # the body, when a matcher had to read it
+            if status in connector.rules.statuses:
+                verdict, data = await self._inspect(connector, upstream, method)
+            if (
+                (status in connector.auth_statuses or verdict == AUTH)
+                and not auth_replayed
+                and body.replayable
+            ):
                 upstream.release()
                 auth_replayed = True
                 if trace is not None:
@@ -373,6 +382,23 @@ class Proxy:
                 connector.metrics.retries.labels(connector.name, AUTH).inc()
                 token = await connector.tokens.reject(token)
                 continue
+            if verdict == TRANSIENT and not transient_retried and body.replayable:
+                if budget is None:
+                    budget = RetryBudget(
+                        config.retry.max_retries, config.retry.max_wait, config.retry.max_total
+                    )
+                pause = backoff_delay(
+                    budget.retries, config.retry.base_delay, config.retry.max_wait
+                )
+                if budget.allows(pause):
+                    # Retried once (IFS's MI_MODIFIED_ERROR: raised before anything executed).
+                    upstream.release()
+                    budget.spend(pause)
+                    transient_retried = True
+                    connector.metrics.retries.labels(connector.name, TRANSIENT).inc()
+                    connector.metrics.backoff_seconds.labels(connector.name, TRANSIENT).inc(pause)
+                    await asyncio.sleep(pause)
+                    continue
             reason = should_retry(status, method)
             if reason is not None and body.replayable:
                 if budget is None:
@@ -397,8 +423,24 @@ class Proxy:
                         connector.metrics.backoff_seconds.labels(connector.name, reason).inc(wait)
                         await asyncio.sleep(wait)
                     continue
-            answer = await self._stream_back(request, upstream, request_id, connector.links)
+            answer = await self._stream_back(
+                request, upstream, request_id, connector.links, data
+            )
             return answer, status, attempts
+
+    @staticmethod
+    async def _inspect(
+        connector: Connector, upstream: Upstream, method: str
+    ) -> tuple[str | None, bytes | None]:
+        """What the connector's matchers make of an answer (reading a small body if needed)."""
+        try:
+            return await connector.rules.verdict(upstream, method)
+        except TimeoutError:
+            upstream.close()
+            raise UpstreamTimeout("the ERP stopped sending its response") from None
+        except UpstreamError as exc:
+            upstream.close()
+            raise UpstreamUnreachable(f"the ERP broke off its response: {exc}") from None
 
     async def _send(
         self,
@@ -448,7 +490,11 @@ class Proxy:
 
     @staticmethod
     async def _stream_back(
-        request: Request, upstream: Upstream, request_id: str, links: LinkRewriter | None = None
+        request: Request,
+        upstream: Upstream,
+        request_id: str,
+        links: LinkRewriter | None = None,
+        data: bytes | None = None,
     ) -> Response | None:
         status = upstream.status
         length = upstream.content_length
@@ -469,8 +515,9 @@ class Proxy:
             if small:
                 # A small body of known length: read whole and answered in one write. The
                 # headers (Content-Encoding among them) go out as they came, with the
-                # broker's own Content-Length.
-                data = await upstream.read()
+                # broker's own Content-Length. A matcher may have read it already.
+                if data is None:
+                    data = await upstream.read()
                 if body_links is not None:
                     data = body_links.whole(data)  # its new length is the one sent
             else:
@@ -493,4 +540,7 @@ class Proxy:
             upstream.close()  # a half-read body cannot go back to the pool
             raise
         upstream.release()
-        return Response(status, headers, data, upstream.reason) if small else None
+        if not small:
+            return None
+        assert data is not None
+        return Response(status, headers, data, upstream.reason)

@@ -14,6 +14,8 @@ GATEWAY_TIMEOUT = "gateway_timeout"
 AUTH = "auth"
 #: A pooled connection the ERP had closed while idle: it never saw the request.
 STALE_CONNECTION = "stale_connection"
+#: An ERP-specific transient error named by a connector's ``retry_on`` matchers.
+TRANSIENT = "transient"
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:

@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 import structlog
 
+from .connectors.oauth import CAUSES, ENDPOINT_ERROR
 from .errors import (
     AuthFailed,
     ConnectorUnavailable,
@@ -30,6 +31,7 @@ from .errors import (
     TokenEndpointError,
     TokenError,
 )
+from .governor import CLEAR, LoginBackoffPolicy, LoginGovernor, LoginState
 from .metrics import Metrics
 from .retry import backoff_delay
 from .secrets import register
@@ -171,6 +173,11 @@ class TokenPolicy:
     refresh_ahead: float | None = None
     login_pause_initial: float = 30.0
     login_pause_max: float = 900.0
+    #: Rejections in a row after which logins stay paused until credentials change or an
+    #: operator asks (``login_backoff.max_failures``).
+    login_max_failures: int = 5
+    #: How long an idle refresh grant lives (Infor: 30 days), for the idle-expiry gauge.
+    grant_lifetime: float | None = None
     #: Longest a refresh grant may sit idle (Infor grants die after 30 days unused).
     keepalive: float | None = None
     revoke_on_shutdown: bool = False
@@ -183,6 +190,7 @@ class LocalCoordinator:
         self._clock = clock
         self._windows: dict[str, float] = {}
         self._budgets: dict[str, list[float]] = {}
+        self._login_states: dict[str, bytes] = {}
 
     @contextlib.asynccontextmanager
     async def _no_lock(self) -> Any:
@@ -201,6 +209,15 @@ class LocalCoordinator:
 
     async def set_window(self, key: str, until: float) -> None:
         self._windows[key] = max(self._windows.get(key, 0.0), until)
+
+    async def login_state(self, key: str) -> bytes | None:
+        return self._login_states.get(key)
+
+    async def set_login_state(self, key: str, value: bytes | None, ttl: float) -> None:
+        if value is None:
+            self._login_states.pop(key, None)
+        else:
+            self._login_states[key] = value
 
     async def take_budget(self, key: str, requests: int, per_seconds: float) -> float:
         now = self._clock()
@@ -238,16 +255,17 @@ class TokenManager:
         self._clock = clock
         self._current: Token | None = None
         self._rejected: Token | None = None  # the current token, after the ERP refused it
+        self._rejected_at = 0.0
         self._inflight: asyncio.Task[Token] | None = None
         self._changed = asyncio.Event()
         self._has_token = asyncio.Event()
         self._background: asyncio.Task[None] | None = None
-        # Failure state (monotonic times).
-        self._paused_until = 0.0
-        self._pause_step = 0.0
+        # Failure state (monotonic times); login spacing lives in the governor (wall clock).
+        self._governor = self._new_governor(store_key)
         self._retry_at = 0.0
         self._transient_failures = 0
-        self.last_error: str | None = None
+        #: {"message", "cause", "kind", "at"} of the last failure, or None.
+        self.last_error: dict[str, Any] | None = None
         self.last_error_kind: str | None = None
         self.last_refresh: float | None = None
         self._rng = random.Random()
@@ -256,6 +274,10 @@ class TokenManager:
         metrics.connector_up.labels(name).set(0)
         metrics.token_expiry.labels(name).set(0)
         metrics.login_paused.labels(name).set(0)
+        metrics.login_suspended.labels(name).set(0)
+        metrics.grant_idle_expiry.labels(name).set(0)
+        for cause in CAUSES:
+            metrics.login_failures.labels(name, cause)
         # Series exist from the start, so rate()/increase() see the first failure too.
         for grant in {authenticator.login_grant, "refresh_token"}:
             for outcome in ("success", "failure"):
@@ -347,6 +369,7 @@ class TokenManager:
         """The ERP refused ``token``: get a new one, unless another request already did."""
         if token is self._current and token is not self._rejected:
             self._rejected = token
+            self._rejected_at = self._clock()
             self._update_gauges()
             log.info("token_rejected_by_erp", connector=self.name)
         current = self._current
@@ -358,8 +381,16 @@ class TokenManager:
     async def refresh_now(self) -> Token:
         """Force a token request now (admin ``refresh``); bypasses a login pause. The current
         token stays in use if the request fails."""
-        self._paused_until = 0.0
         self._retry_at = 0.0
+        wait = await self._governor.resume()
+        self._update_login_gauges()
+        if wait > 0:
+            raise ConnectorUnavailable(
+                f"logins resume in {wait:.0f}s: never two failed logins within "
+                f"login_backoff.initial ({self._policy.login_pause_initial:g}s), so the "
+                "identity provider does not lock the service account",
+                connector=self.name,
+            )
         return await self._wait_for_new(reason="admin", force=True)
 
     def replace_credentials(self, authenticator: Authenticator, store_key: str) -> None:
@@ -370,10 +401,24 @@ class TokenManager:
         """
         self._auth = authenticator
         self._key = store_key
-        self._paused_until = self._pause_step = self._retry_at = 0.0
+        governor = self._new_governor(store_key)
+        governor.carry_over(self._governor)
+        self._governor = governor
+        self._retry_at = 0.0
         self._transient_failures = 0
-        self._metrics.login_paused.labels(self.name).set(0)
+        self._update_login_gauges()
         self._changed.set()
+
+    def wake(self) -> None:
+        """Re-plan the background refresh now (the clock jumped, a setting changed)."""
+        self._changed.set()
+
+    def _new_governor(self, store_key: str) -> LoginGovernor:
+        policy = self._policy
+        backoff = LoginBackoffPolicy(
+            policy.login_pause_initial, policy.login_pause_max, policy.login_max_failures
+        )
+        return LoginGovernor(store_key, backoff, self._coordinator, self._clock)
 
     # -- single flight -----------------------------------------------------------------------
 
@@ -382,15 +427,11 @@ class TokenManager:
     ) -> Token:
         now = time.monotonic()
         if not force and self._inflight is None:
-            if now < self._paused_until:
-                raise ConnectorUnavailable(
-                    f"logins are paused for {self._paused_until - now:.0f}s because the ERP "
-                    f"rejected the configured credentials ({self.last_error})",
-                    connector=self.name,
-                )
+            if self._governor.blocked_for() > 0:
+                raise ConnectorUnavailable(self._paused_message(), connector=self.name)
             if now < self._retry_at:
                 raise AuthFailed(
-                    f"no credential could be obtained: {self.last_error}; next try in "
+                    f"no credential could be obtained: {self._error_message()}; next try in "
                     f"{self._retry_at - now:.0f}s",
                     connector=self.name,
                 )
@@ -401,7 +442,9 @@ class TokenManager:
             else tracer.token_wait(self.name, reason, joined=self._inflight is not None)
         ) as span:
             task = self._inflight
-            if task is None:
+            if task is None or (force and task.done()):
+                # (A finished flight whose done-callback has not run yet is not joined by a
+                # forced request: it asks for a new token.)
                 task = self._inflight = asyncio.create_task(
                     self._obtain(reason, force=force),
                     name=f"token-{self.name}",
@@ -424,11 +467,13 @@ class TokenManager:
                 ) from None
             except CredentialsRejected as exc:
                 raise AuthFailed(
-                    f"the ERP rejected the configured credentials: {exc}", connector=self.name
+                    f"the ERP rejected the configured credentials ({exc.cause}): {exc}"
+                    + (f"; {self._paused_message()}" if self._governor.state.suspended else ""),
+                    connector=self.name,
                 ) from None
             except TokenError as exc:
                 raise AuthFailed(
-                    f"no credential could be obtained: {exc}", connector=self.name
+                    f"no credential could be obtained ({exc.cause}): {exc}", connector=self.name
                 ) from None
 
     def _flight_done(self, task: asyncio.Task[Token]) -> None:
@@ -443,7 +488,14 @@ class TokenManager:
             # Another replica may have just obtained a token: use it rather than ask for one,
             # and never refresh from a refresh token that it has rotated since.
             newest = await self._adopt_from_store()
-            if newest is not None and newest is self._current and not force:
+            if (
+                newest is not None
+                and newest is self._current
+                and not force
+                # A token the fleet obtained before the ERP refused ours may have died with
+                # it (a session ended): refresh from it, or log in, rather than replay with it.
+                and not (reason == "rejected" and newest.obtained_at <= self._rejected_at)
+            ):
                 return newest
             previous = newest or self._current
             now = self._clock()
@@ -453,16 +505,26 @@ class TokenManager:
                     try:
                         token = await self._call("refresh_token", self._auth.refresh(previous))
                     except RefreshRejected as exc:
-                        log.info("refresh_rejected", connector=self.name, error=str(exc))
+                        # Not a credential rejection: one fresh login follows.
+                        log.info(
+                            "refresh_rejected", connector=self.name, cause=exc.cause, error=str(exc)
+                        )
                 if token is None:
+                    # The fleet's login spacing, read with the fleet's refresh lock held: all
+                    # replicas together make at most one failed login per interval.
+                    await self._governor.sync()
+                    if self._governor.blocked_for() > 0:
+                        self._update_login_gauges()
+                        raise ConnectorUnavailable(self._paused_message(), connector=self.name)
                     token = await self._call(self._auth.login_grant, self._auth.login())
             except CredentialsRejected as exc:
-                self._on_rejected(exc)
+                await self._on_rejected(exc)
                 raise
             except TokenError as exc:
                 self._on_transient(exc)
                 raise
             await self._persist(token)
+            await self._governor.succeeded()
             self._set_current(token)
             log.info(
                 "token_obtained",
@@ -486,9 +548,13 @@ class TokenManager:
                 outcome = "success"
                 return token
             except TimeoutError:
+                self._metrics.login_failures.labels(self.name, ENDPOINT_ERROR).inc()
                 raise TokenEndpointError(
                     f"the token endpoint did not answer within {self._policy.token_timeout:g}s"
                 ) from None
+            except TokenError as exc:
+                self._metrics.login_failures.labels(self.name, exc.cause).inc()
+                raise
             finally:
                 self._metrics.token_requests.labels(self.name, grant, outcome).inc()
                 self._metrics.token_request_duration.labels(self.name).observe(
@@ -539,8 +605,7 @@ class TokenManager:
     def _set_current(self, token: Token, *, persisted: bool = False) -> None:
         self._current = token
         self._rejected = None
-        self._paused_until = 0.0
-        self._pause_step = 0.0
+        self._governor.state = CLEAR  # someone in the fleet logged in: the account works
         self._retry_at = 0.0
         self._transient_failures = 0
         # A loaded or adopted token was obtained (by us before a restart, or by another
@@ -549,7 +614,7 @@ class TokenManager:
         self._metrics.token_last_refresh.labels(self.name).set(token.obtained_at)
         if not persisted:
             self.last_error = self.last_error_kind = None
-        self._metrics.login_paused.labels(self.name).set(0)
+        self._update_login_gauges()
         self._update_gauges()
         self._changed.set()
         self._has_token.set()
@@ -564,24 +629,61 @@ class TokenManager:
             token.expires_at if token is not None and token.expires_at is not None else 0
         )
         self._metrics.connector_up.labels(self.name).set(1 if self.usable() else 0)
-
-    def _on_rejected(self, exc: CredentialsRejected) -> None:
-        first = self._pause_step == 0.0
-        self._pause_step = (
-            self._policy.login_pause_initial
-            if first
-            else min(self._policy.login_pause_max, self._pause_step * 2)
+        lifetime = self._policy.grant_lifetime
+        self._metrics.grant_idle_expiry.labels(self.name).set(
+            token.obtained_at + lifetime
+            if lifetime is not None and token is not None and token.refresh
+            else 0
         )
-        self._paused_until = time.monotonic() + self._pause_step
-        self.last_error, self.last_error_kind = str(exc), exc.kind
-        self._metrics.login_paused.labels(self.name).set(1)
+
+    def _update_login_gauges(self) -> None:
+        state = self._governor.state
+        self._metrics.login_paused.labels(self.name).set(1 if state.failures else 0)
+        self._metrics.login_suspended.labels(self.name).set(1 if state.suspended else 0)
+
+    def _record_error(self, exc: TokenError) -> None:
+        self.last_error = {
+            "message": str(exc),
+            "cause": exc.cause,
+            "kind": exc.kind,
+            "at": self._clock(),
+        }
+        self.last_error_kind = exc.kind
+
+    def _error_message(self) -> str:
+        return self.last_error["message"] if self.last_error else "unknown error"
+
+    def _paused_message(self) -> str:
+        """Why logins are paused, what may be wrong, and what to do (never a secret)."""
+        state = self._governor.state
+        cause = state.cause or "invalid_credentials"
+        if state.suspended:
+            return (
+                f"logins are paused after {state.failures} credential rejections in a row "
+                f"({cause}): the service account may be locked by the identity provider "
+                "(e.g. Keycloak brute-force detection). Check: "
+                f"{self._error_message()}. Then update the secret, or call "
+                f"POST /connectors/{self.name}/refresh"
+            )
+        wait = self._governor.blocked_for()
+        return (
+            f"logins are paused for {wait:.0f}s because the ERP rejected the configured "
+            f"credentials ({cause}; {self._error_message()})"
+        )
+    async def _on_rejected(self, exc: CredentialsRejected) -> None:
+        state: LoginState = await self._governor.rejected(exc.cause)
+        self._record_error(exc)
+        self._update_login_gauges()
         self._update_gauges()
         # Logged once per state change, with the pause: not once per request.
         log.error(
             "credentials_rejected",
             connector=self.name,
+            cause=exc.cause,
             error=str(exc),
-            login_paused_seconds=self._pause_step,
+            failures_in_a_row=state.failures,
+            login_paused_seconds=None if state.suspended else state.step,
+            logins_suspended=state.suspended,
         )
 
     def _on_transient(self, exc: TokenError) -> None:
@@ -591,11 +693,12 @@ class TokenManager:
         )
         self._transient_failures += 1
         self._retry_at = time.monotonic() + delay
-        self.last_error, self.last_error_kind = str(exc), exc.kind
+        self._record_error(exc)
         self._update_gauges()
         log.warning(
             "token_request_failed",
             connector=self.name,
+            cause=exc.cause,
             error=str(exc),
             retry_in=round(delay, 2),
             failures=self._transient_failures,
@@ -605,7 +708,8 @@ class TokenManager:
         """What ``/connectors`` shows: state and times, never a secret."""
         token = self._current
         now = self._clock()
-        if time.monotonic() < self._paused_until:
+        login = self._governor.state
+        if self._governor.blocked_for() > 0:
             state = "paused"
         elif token is None:
             state = "none"
@@ -626,6 +730,11 @@ class TokenManager:
             "last_refresh": self.last_refresh,
             "last_error": self.last_error,
             "last_error_kind": self.last_error_kind,
+            "login": {
+                "failures_in_a_row": login.failures,
+                "next_login_at": login.not_before or None,
+                "suspended": login.suspended,
+            },
         }
 
     # -- background refresh -------------------------------------------------------------------
@@ -633,8 +742,8 @@ class TokenManager:
     def _next_due(self) -> float:
         """Seconds until the background loop should request a token (may be <= 0)."""
         mono = time.monotonic()
-        if mono < self._paused_until:
-            return self._paused_until - mono
+        if (blocked := self._governor.blocked_for()) > 0:
+            return blocked
         if mono < self._retry_at:
             return self._retry_at - mono
         token = self._current

@@ -105,6 +105,14 @@ class Coordinator(Protocol):
         """Take one request from a sliding-window budget; return 0, or seconds to wait first."""
         ...
 
+    async def login_state(self, key: str) -> bytes | None:
+        """The login governor's state for a service account (:mod:`broker.governor`)."""
+        ...
+
+    async def set_login_state(self, key: str, value: bytes | None, ttl: float) -> None:
+        """Replace (or, with None, clear) that state; it expires after ``ttl`` seconds."""
+        ...
+
 
 class TokenSpan(Protocol):
     """An open span around a token wait or a token request."""

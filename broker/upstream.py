@@ -18,6 +18,7 @@ from .connectors import build_authenticator
 from .errors import RateLimited
 from .http1 import Pool
 from .links import LinkRewriter
+from .matchers import ResponseRules
 from .metrics import ConnectorSeries, Metrics
 from .tokens import LocalCoordinator, TokenManager, TokenPolicy
 from .types import Authenticator, Clock, Coordinator, TokenStore
@@ -76,7 +77,7 @@ class Connector:
         self.coordinator = coordinator
         self.metrics = metrics
         # Series exist from the start, so rate()/increase() see the first event too.
-        for reason in ("auth", "rate_limited", "gateway_timeout"):
+        for reason in ("auth", "rate_limited", "gateway_timeout", "transient"):
             metrics.retries.labels(name, reason)
         for reason in ("rate_limited", "gateway_timeout"):
             metrics.backoff_seconds.labels(name, reason)
@@ -88,6 +89,8 @@ class Connector:
         self.inflight = 0
         self.series = ConnectorSeries(metrics, name, lambda: self.inflight)
         self.auth_statuses = frozenset({401, *config.auth_failure_statuses})
+        #: auth_failure and retry_on matchers (statuses with a body or method condition).
+        self.rules = ResponseRules(config.auth_failure_matchers(), config.retry_on_matchers())
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 limit=CONNECTION_LIMIT, ssl=ssl_context(config), enable_cleanup_closed=True
@@ -114,9 +117,16 @@ class Connector:
         #: The config the credentials come from (replaced when a secret file changes).
         self.credentials = config
         self.authenticator: Authenticator = build_authenticator(config, self.session, clock)
-        keepalive = (
-            config.grant_keepalive_days * 86400.0 if isinstance(config, InforIonConfig) else None
-        )
+        keepalive = grant_lifetime = None
+        if isinstance(config, InforIonConfig):
+            lifetime_days = config.grant_lifetime_days
+            grant_lifetime = lifetime_days * 86400.0
+            # Refreshed well before an idle grant dies: 5 days ahead (half the lifetime if
+            # that is shorter), or earlier if grant_keepalive_days says so.
+            keepalive_days = min(
+                config.grant_keepalive_days, max(lifetime_days - 5, lifetime_days / 2)
+            )
+            keepalive = keepalive_days * 86400.0
         self.tokens = TokenManager(
             name,
             self.authenticator,
@@ -128,6 +138,8 @@ class Connector:
                 refresh_ahead=config.refresh_ahead,
                 login_pause_initial=config.login_backoff.initial,
                 login_pause_max=config.login_backoff.max,
+                login_max_failures=config.login_backoff.max_failures,
+                grant_lifetime=grant_lifetime,
                 keepalive=keepalive,
                 revoke_on_shutdown=isinstance(config, InforIonConfig) and config.revoke_on_shutdown,
             ),

@@ -15,7 +15,7 @@ from broker.sandbox import IfsApps10Sim
 
 from .conftest import BrokerFactory, ifs_connector
 from .ops.support import metric_names, require_tool
-from .ops.test_alert_rules import NOT_YET_EXPORTED, alert_rules
+from .ops.test_alert_rules import alert_rules
 from .ops.test_dashboard import expressions
 
 CONTRACT = {
@@ -74,7 +74,7 @@ class TestLiveMetrics:
         statuses = {s["status"] for s in found["erp_broker_requests_total"] if s["connector"] == "ifs"}
         assert statuses == {"200"}
         reasons = {s["reason"] for s in found["erp_broker_retries_total"]}
-        assert reasons == {"auth", "rate_limited", "gateway_timeout"}
+        assert reasons == {"auth", "rate_limited", "gateway_timeout", "transient"}
         assert re.search(r'erp_broker_retries_total\{connector="ifs",reason="gateway_timeout"\} 1\.0', scraped)
         assert re.search(r'erp_broker_connector_up\{connector="ifs"\} 1\.0', scraped)
 
@@ -96,4 +96,4 @@ class TestLiveMetrics:
         used = {n for _, expr in expressions() for n in metric_names(expr)}
         used |= {n for rule in alert_rules() for n in metric_names(rule["expr"])}
         assert used, "no metric names found in the artifacts"
-        assert sorted(used - live - NOT_YET_EXPORTED) == []
+        assert sorted(used - live) == []

@@ -147,7 +147,9 @@ class TestWrongCredentials:
             assert resp.headers["X-Broker-Error"] in ("auth_failed", "connector_unavailable")
         _, info = await get_json(http, f"{server.admin_url}/connectors/pso")
         assert info["last_error_kind"] == "credentials_rejected"
-        assert "AUTHENTICATION_FAILED" in info["last_error"]  # type: ignore[operator]
+        error = info["last_error"]
+        assert "AUTHENTICATION_FAILED" in error["message"]  # type: ignore[index]
+        assert error["cause"] == "invalid_credentials"  # type: ignore[index]
 
     async def test_gateway_5xx_is_transient(
         self, pso_sim: PsoSim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession

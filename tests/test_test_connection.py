@@ -72,7 +72,7 @@ class TestCommandLine:
         )
         assert (ok, failed, usage) == (0, 1, 2)
         assert re.fullmatch(r"ok    ifs  token obtained in \d+ ms; GET \.\.\./Projections -> 200\n", out)
-        assert bad_out.startswith("FAIL  pso  login rejected: ") and "check account_id" in bad_out
+        assert bad_out.startswith("FAIL  pso  [invalid_credentials] login rejected: ") and "check account_id" in bad_out
         assert "no connector named 'nope'" in usage_err and "ifs, pso" in usage_err
 
     async def test_all_text(

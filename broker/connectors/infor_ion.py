@@ -15,10 +15,17 @@ from ..config import InforIonConfig
 from ..errors import TokenEndpointError
 from ..tokens import Token, token_from_oauth
 from ..types import Clock
-from .oauth import REFRESH_GRANT, classify_oauth, describe, post_form
+from .oauth import REFRESH_GRANT, Hints, classify_oauth, describe, post_form
 
-CREDENTIALS_HINT = "the .ionapi file's saak/sask (service-account keys)"
-CLIENT_HINT = "the .ionapi file's ci/cs (client id and secret)"
+HINTS = Hints(
+    invalid_credentials=(
+        "check the .ionapi file's saak/sask (service-account keys; regenerate them in ION API "
+        "if the service account was deleted or its keys revoked)"
+    ),
+    invalid_client="check the .ionapi file's ci/cs (client id and secret; is the app enabled?)",
+    account_disabled="the service account is disabled in Infor OS: check its user and saak/sask",
+    client_not_allowed="the ION API app may not use the password grant: check its type",
+)
 
 
 class InforIonAuthenticator:
@@ -46,9 +53,7 @@ class InforIonAuthenticator:
     ) -> Token:
         now = self._clock()
         status, body = await post_form(self._session, self.token_url, form, client=self._client)
-        body = classify_oauth(
-            status, body, grant=grant, credentials_hint=CREDENTIALS_HINT, client_hint=CLIENT_HINT
-        )
+        body = classify_oauth(status, body, grant=grant, hints=HINTS)
         return token_from_oauth(
             body,
             grant=grant,

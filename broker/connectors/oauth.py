@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -85,34 +86,81 @@ async def post_form(
         ) from None
 
 
-def classify_oauth(
-    status: int, body: Any, *, grant: str, credentials_hint: str, client_hint: str
-) -> Any:
-    """Return the JSON body of a successful answer; raise the right TokenError otherwise."""
+INVALID_CREDENTIALS = "invalid_credentials"
+ACCOUNT_DISABLED = "account_disabled"
+ACCOUNT_NOT_SET_UP = "account_not_set_up"
+CLIENT_NOT_ALLOWED = "client_not_allowed"
+INVALID_CLIENT = "invalid_client"
+REFRESH_REJECTED = "refresh_rejected"
+ENDPOINT_ERROR = "endpoint_error"
+#: Every cause, in the order operators read them (metrics series exist for each from start).
+CAUSES = (
+    INVALID_CREDENTIALS,
+    ACCOUNT_DISABLED,
+    ACCOUNT_NOT_SET_UP,
+    CLIENT_NOT_ALLOWED,
+    INVALID_CLIENT,
+    REFRESH_REJECTED,
+    ENDPOINT_ERROR,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Hints:
+    """What an operator should check for each cause, for one identity provider (names of
+    settings and accounts, never a secret)."""
+
+    invalid_credentials: str
+    invalid_client: str
+    account_disabled: str = "the account is disabled at the identity provider: enable it"
+    account_not_set_up: str = (
+        "the account has a temporary or expired password or other required actions: set a "
+        "permanent password (see the password policy) and clear the required actions"
+    )
+    client_not_allowed: str = "the client may not use this grant at the identity provider"
+
+
+def _rejected(cause: str, status: int, detail: str, hint: str) -> CredentialsRejected:
+    what = "client rejected" if cause in (INVALID_CLIENT, CLIENT_NOT_ALLOWED) else "login rejected"
+    return CredentialsRejected(f"{what} ({status} {detail or 'no detail'}): {hint}", cause=cause)
+
+
+def classify_oauth(status: int, body: Any, *, grant: str, hints: Hints) -> Any:
+    """Return the JSON body of a successful answer; raise the right TokenError otherwise.
+
+    Keycloak's answers (erp-protocols.md): ``invalid_grant`` "Invalid user credentials" (401
+    up to 26.5, 400 from 26.6), "Account disabled", "Account is not fully set up";
+    ``unauthorized_client`` with 400 for a client not allowed this grant, with 401 for a wrong
+    client secret; ``invalid_client``; refresh failures ("Token is not active", "Stale token",
+    "Session not active", "Maximum allowed refresh token reuse exceeded") are 400.
+    """
     if status == 200:
         if not isinstance(body, dict):
             raise TokenEndpointError("the token endpoint answered 200 without a JSON body")
         return body
     detail = describe(body)
     error = body.get("error") if isinstance(body, dict) else None
+    text = str(body.get("error_description", "")).lower() if isinstance(body, dict) else ""
     if status == 429 or status >= 500:
         raise TokenEndpointError(f"the token endpoint answered {status} {detail}".rstrip())
-    if (
-        grant == REFRESH_GRANT
-        and status in (400, 401)
-        and error
-        not in (
-            "invalid_client",
-            "unauthorized_client",
+    client_error = error == "invalid_client" or (error == "unauthorized_client" and status == 401)
+    if grant == REFRESH_GRANT and status in (400, 401) and not client_error:
+        raise RefreshRejected(
+            f"refresh token rejected ({status} {detail}): the session ended, expired or the "
+            "token was reused (SSO Session Idle/Max, Revoke Refresh Token); logging in again"
         )
-    ):
-        raise RefreshRejected(f"refresh token rejected ({status} {detail})")
-    if error in ("invalid_client", "unauthorized_client"):
-        raise CredentialsRejected(f"client rejected ({status} {detail}): check {client_hint}")
+    if client_error:
+        raise _rejected(INVALID_CLIENT, status, detail, hints.invalid_client)
+    if error == "unauthorized_client":
+        raise _rejected(CLIENT_NOT_ALLOWED, status, detail, hints.client_not_allowed)
+    if "disabled" in text:
+        raise _rejected(ACCOUNT_DISABLED, status, detail, hints.account_disabled)
+    if "not fully set up" in text:
+        raise _rejected(ACCOUNT_NOT_SET_UP, status, detail, hints.account_not_set_up)
     if error == "invalid_grant" or status in (400, 401, 403):
-        raise CredentialsRejected(
-            f"credentials rejected ({status} {detail}): check {credentials_hint}"
-        )
+        raise _rejected(INVALID_CREDENTIALS, status, detail, hints.invalid_credentials)
     if status == 404:
-        raise CredentialsRejected(f"token endpoint not found (404): check {client_hint}")
+        raise CredentialsRejected(
+            f"token endpoint not found (404): check {hints.invalid_client}", cause=INVALID_CLIENT
+        )
     raise TokenEndpointError(f"the token endpoint answered {status} {detail}".rstrip())

@@ -20,6 +20,10 @@ Control (no auth, not recorded)::
     POST /_sandbox/expire          every access token / session issued so far dies
     POST /_sandbox/revoke-refresh  every refresh token issued so far dies
     POST /_sandbox/credentials     {"password": "new", ...}: set attributes named in ``settable``
+    POST /_sandbox/switches        the same (switches and credentials are both ``settable``);
+                                   also as a query: ``?brute_force=true&failure_factor=5``
+    POST /_sandbox/clock           {"advance": seconds}: the simulator's clock jumps ahead, so
+                                   day-long lifetimes (Infor's 30-day grants) pass in a test
     GET  /_sandbox/state           counts: token requests by grant, API requests, revocations
 
 Test routes, behind the simulator's own credential check, under every prefix in
@@ -240,6 +244,14 @@ def pattern_sha256(n: int) -> str:
     return digest.hexdigest()
 
 
+def _loose(text: str) -> Any:
+    """A query-string value as JSON if it is JSON (``true``, ``400``), else the text."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+
+
 def as_str(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError("expected a string")
@@ -271,7 +283,7 @@ def optional(validate: Validator) -> Validator:
     return check
 
 
-def _basic_auth(header: str | None) -> tuple[str, str] | None:
+def basic_credentials(header: str | None) -> tuple[str, str] | None:
     if not header or not header[:6].lower() == "basic ":
         return None
     try:
@@ -319,13 +331,33 @@ class Simulator(abc.ABC):
         #: Every token request sleeps this long first (a slow IdP).
         self.token_delay = 0.0
         self.record_body_limit = DEFAULT_RECORD_BODY_LIMIT
+        #: Seconds the simulator's clock runs ahead of the real one (``/_sandbox/clock``).
+        self.clock_offset = 0.0
         #: Monotonic seconds for records and token expiry; tests may replace it.
-        self.clock: Callable[[], float] = time.monotonic
+        self.clock: Callable[[], float] = self._offset_clock
         self._issued: dict[str, IssuedToken] = {}
         self._api_queue: deque[CannedResponse] = deque()
         self._token_queue: deque[CannedResponse] = deque()
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
+
+    def set_switches(self, switches: Mapping[str, Any]) -> None:
+        """Set ``settable`` attributes (constructor keywords and ``/_sandbox/switches``)."""
+        for name, value in switches.items():
+            if name not in self.settable:
+                raise TypeError(f"{type(self).__name__} has no switch {name!r}")
+            setattr(self, name, self.settable[name](value))
+
+    def _offset_clock(self) -> float:
+        return time.monotonic() + self.clock_offset
+
+    def wall(self) -> float:
+        """Unix time as the simulator sees it (the real one plus ``clock_offset``)."""
+        return time.time() + self.clock_offset
+
+    def advance(self, seconds: float) -> None:
+        """Move the simulator's clock ahead: lifetimes and idle timeouts pass at once."""
+        self.clock_offset += seconds
 
     # lifecycle ---------------------------------------------------------------------------
 
@@ -377,6 +409,8 @@ class Simulator(abc.ABC):
         router.add_post("/_sandbox/expire", self._control_expire)
         router.add_post("/_sandbox/revoke-refresh", self._control_revoke_refresh)
         router.add_post("/_sandbox/credentials", self._control_credentials)
+        router.add_post("/_sandbox/switches", self._control_credentials)
+        router.add_post("/_sandbox/clock", self._control_clock)
         router.add_get("/_sandbox/state", self._control_state)
         # Test routes first: a subclass may end with a catch-all under the same prefix.
         for prefix in self.test_prefixes():
@@ -410,6 +444,10 @@ class Simulator(abc.ABC):
     def credential_of(self, request: web.Request) -> str | None:
         """The credential an API call carries (Bearer unless the ERP says otherwise)."""
         return bearer_token(request)
+
+    async def pace(self, request: web.Request) -> None:
+        """Hold an authenticated call before the gate (Infor's rate smoothing)."""
+        return None
 
     def gate(self, request: web.Request, call: ApiCall) -> web.Response | None:
         """A check after authentication (quota, scopes); None lets the call through."""
@@ -505,7 +543,7 @@ class Simulator(abc.ABC):
         data: Mapping[str, Any] | None = None,
     ) -> str:
         """Mint a JWT-shaped token and remember it; ``lifetime`` None: it never expires."""
-        now = int(time.time())
+        now = int(self.wall())
         payload: JSON = {"iat": now, "sub": subject}
         if lifetime is not None:
             payload["exp"] = now + int(lifetime)
@@ -608,6 +646,7 @@ class Simulator(abc.ABC):
                     return await self._canned(self._api_queue.popleft())
                 if self.live_token(call.credential, API_KINDS) is None:
                     return self.unauthorized(request, call.credential)
+                await self.pace(request)
                 return self.gate(request, call) or await handler(request, call)
 
             def record(status: int) -> ApiRecord:
@@ -669,7 +708,7 @@ class Simulator(abc.ABC):
         if is_form:
             text = body.decode("utf-8", "replace")
             form = dict(urllib.parse.parse_qsl(text, keep_blank_values=True))
-        return TokenCall(form, is_form, _basic_auth(request.headers.get("Authorization")))
+        return TokenCall(form, is_form, basic_credentials(request.headers.get("Authorization")))
 
     # control endpoints ---------------------------------------------------------------------
 
@@ -707,7 +746,10 @@ class Simulator(abc.ABC):
 
     async def _control_credentials(self, request: web.Request) -> web.Response:
         try:
-            changes = await request.json(loads=orjson.loads)
+            if request.can_read_body:
+                changes = await request.json(loads=orjson.loads)
+            else:  # curl -X POST '…/_sandbox/switches?brute_force=true'
+                changes = {name: _loose(value) for name, value in request.query.items()}
             if not isinstance(changes, dict):
                 raise ValueError("expected a JSON object")
             converted: JSON = {}
@@ -724,6 +766,17 @@ class Simulator(abc.ABC):
             setattr(self, name, value)
         return json_response({"changed": sorted(converted)})
 
+    async def _control_clock(self, request: web.Request) -> web.Response:
+        try:
+            spec = await request.json(loads=orjson.loads)
+            seconds = as_float(spec["advance"])
+            if seconds < 0:
+                raise ValueError("advance must not be negative: the clock only moves ahead")
+        except (ValueError, KeyError, TypeError) as exc:
+            return json_response({"error": f"bad clock request: {exc}"}, 400)
+        self.advance(seconds)
+        return json_response({"clock_offset": self.clock_offset})
+
     async def _control_state(self, request: web.Request) -> web.Response:
         return json_response(self.state())
 
@@ -739,6 +792,7 @@ class Simulator(abc.ABC):
             },
             "revocations": len(self.revocations),
             "queued": {"api": len(self._api_queue), "token": len(self._token_queue)},
+            "clock_offset": self.clock_offset,
         }
 
     # test routes ---------------------------------------------------------------------------

@@ -6,7 +6,9 @@ Routes (besides the shared ``/_sandbox/`` and ``/_test/`` ones of :mod:`broker.s
     POST /auth/realms/{realm}/protocol/openid-connect/logout   refresh_token + client → 204
     POST /auth/realms/{realm}/protocol/openid-connect/revoke   RFC 7009 token revocation → 200
     GET  /auth/realms/{realm}/.well-known/openid-configuration
-    POST /openid-connect-provider/idp/token                    Native Apps 10 provider (same grants)
+    POST /openid-connect-provider/idp/token                    Native Apps 10 provider (same grants;
+                                                               ``native_resource`` makes its
+                                                               ``resource`` field required)
     GET  /openid-connect-provider/.well-known/openid-configuration
     *    /main/ifsapplications/projection/v1/{Projection}.svc/...   OData v4, Bearer:
          GET  AllProjections.svc/Projections        {"value": [{"Name", "Description"}, ...]}
@@ -16,6 +18,8 @@ Routes (besides the shared ``/_sandbox/`` and ``/_test/`` ones of :mod:`broker.s
          GET  <P>.svc/<Set>[?$top=&$select=]        {"@odata.context", "value": [...]}
          POST <P>.svc/<Set>                         201 with the new entity
          GET|PATCH|DELETE <P>.svc/<Set>(<key>)      e.g. CustomerInfoSet(CustomerId='10%2F7')
+    *    /int/{anything}                            the Apps 10 integration cluster: HTTP Basic
+                                                    with username/password → {"cluster", ...}
 
 Projections: CustomerHandling (CustomerInfoSet), PurchaseOrderHandling (PurchaseOrderSet),
 WorkOrderHandling (ActiveSeparateSet, numeric key ``WoNo=1001``). Recorded grants: the form's
@@ -27,6 +31,32 @@ dead/used/unknown refresh token 400 ``invalid_grant`` "Token is not active"; unk
 ``unsupported_grant_type``; missing grant or non-form body 400 ``invalid_request``; wrong realm
 404 ``{"error": "Realm does not exist"}``. ``id_token`` is only issued when ``scope`` has
 ``openid`` (as Keycloak does).
+
+Identity-provider switches (constructor arguments, or ``POST /_sandbox/switches``)::
+
+    keycloak_version        "26.5": bad user credentials are 401 up to 26.5, 400 from 26.6
+    brute_force             Keycloak's brute-force detection, with its defaults:
+      failure_factor 30, wait_increment 60 s, max_failure_wait 900 s, quick_login_check 1.0 s,
+      minimum_quick_login_wait 60 s, max_delta_time 12 h, permanent_lockout false.
+      A failure less than quick_login_check after the previous one locks the user for
+      max(minimum_quick_login_wait, wait); every failure_factor-th failure locks for
+      wait_increment * (failures // failure_factor), at most max_failure_wait; with
+      permanent_lockout that lock disables the user instead. While locked even the right
+      password gets "Invalid user credentials"; a success clears the failures.
+    user_enabled            false: 400 invalid_grant "Account disabled"
+    user_set_up             false: 400 invalid_grant "Account is not fully set up"
+    direct_grants           false: 400 unauthorized_client "Client not allowed for direct
+                            access grants"
+    client_enabled          false: 401 invalid_client (a wrong or disabled client)
+    service_accounts        false: client_credentials gets 400 unauthorized_client
+    revoke_refresh_token    "Revoke Refresh Token": a refresh token works once; presenting a
+                            used one ends the whole session (its newest refresh token too),
+                            answers "Maximum allowed refresh token reuse exceeded" and counts
+                            ``refresh_reuse_events``
+    native_resource         the native provider requires this ``resource`` form field
+    id_token_only           the API accepts only the ID token as the Bearer
+    expires_in_string       ``expires_in`` is sent as a string ("180"), as native providers do
+    mi_modified_errors      the next n OData calls answer 500 MI_MODIFIED_ERROR
 """
 
 from __future__ import annotations
@@ -36,6 +66,7 @@ import re
 import urllib.parse
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import orjson
@@ -44,14 +75,16 @@ from aiohttp import web
 from .base import (
     JSON,
     ApiCall,
+    IssuedToken,
     Simulator,
     TokenCall,
     Validator,
     as_bool,
+    as_float,
     as_int,
     as_str,
+    basic_credentials,
     json_response,
-    mint_jwt,
     oauth_error,
     optional,
     token_response,
@@ -82,6 +115,24 @@ def odata_error(status: int, code: str, message: str) -> web.Response:
     return json_response({"error": {"code": code, "message": message}}, status)
 
 
+def _version(value: object) -> tuple[int, int]:
+    parts = str(value).split(".")
+    try:
+        return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+    except ValueError:
+        raise ValueError("expected a version like 26.5") from None
+
+
+@dataclass(slots=True)
+class LoginFailures:
+    """Keycloak's per-user brute-force record (``UserLoginFailureModel``)."""
+
+    failures: int = 0
+    last_failure: float = 0.0
+    not_before: float = 0.0
+    lockouts: int = 0
+
+
 class IfsApps10Sim(Simulator):
     """Keycloak + IFS OData; credentials are plain attributes a test may change."""
 
@@ -97,6 +148,25 @@ class IfsApps10Sim(Simulator):
         "refresh_lifetime": as_int,
         "rotate_refresh": as_bool,
         "omit_expires_in": as_bool,
+        "keycloak_version": as_str,
+        "brute_force": as_bool,
+        "failure_factor": as_int,
+        "wait_increment": as_float,
+        "max_failure_wait": as_float,
+        "quick_login_check": as_float,
+        "minimum_quick_login_wait": as_float,
+        "max_delta_time": as_float,
+        "permanent_lockout": as_bool,
+        "user_enabled": as_bool,
+        "user_set_up": as_bool,
+        "direct_grants": as_bool,
+        "client_enabled": as_bool,
+        "service_accounts": as_bool,
+        "revoke_refresh_token": as_bool,
+        "native_resource": optional(as_str),
+        "id_token_only": as_bool,
+        "expires_in_string": as_bool,
+        "mi_modified_errors": as_int,
     }
 
     def __init__(
@@ -111,8 +181,40 @@ class IfsApps10Sim(Simulator):
         refresh_lifetime: int = 1800,
         rotate_refresh: bool = False,
         omit_expires_in: bool = False,
+        keycloak_version: str = "26.5",
+        brute_force: bool = False,
+        revoke_refresh_token: bool = False,
+        native_resource: str | None = None,
+        id_token_only: bool = False,
+        **switches: Any,
     ) -> None:
         super().__init__()
+        _version(keycloak_version)
+        self.keycloak_version = keycloak_version
+        self.brute_force = brute_force
+        self.failure_factor = 30
+        self.wait_increment = 60.0
+        self.max_failure_wait = 900.0
+        self.quick_login_check = 1.0
+        self.minimum_quick_login_wait = 60.0
+        self.max_delta_time = 12 * 3600.0
+        self.permanent_lockout = False
+        self.user_enabled = True
+        self.user_set_up = True
+        self.direct_grants = True
+        self.client_enabled = True
+        self.service_accounts = True
+        self.revoke_refresh_token = revoke_refresh_token
+        self.native_resource = native_resource
+        self.id_token_only = id_token_only
+        self.expires_in_string = False
+        self.mi_modified_errors = 0
+        #: Used refresh tokens presented again while revoke_refresh_token is on.
+        self.refresh_reuse_events = 0
+        #: Logins refused because the user was locked (temporarily or for good).
+        self.locked_refusals = 0
+        self.login_failures = LoginFailures()
+        self.set_switches(switches)
         self.realm = realm
         self.client_id = client_id
         self.client_secret = client_secret
@@ -147,6 +249,48 @@ class IfsApps10Sim(Simulator):
         router.add_post("/openid-connect-provider/idp/token", self.token_route(self._token))
         router.add_get("/openid-connect-provider/.well-known/openid-configuration", self._discovery)
         router.add_route("*", API_PREFIX + "/{tail:.*}", self.api_route(self._odata))
+        router.add_route("*", "/int/{tail:.*}", self.api_route(self._integration))
+
+    async def _integration(self, request: web.Request, call: ApiCall) -> web.Response:
+        body = {"cluster": "integration", "method": request.method, "path": request.path}
+        return json_response(body)
+
+    def credential_of(self, request: web.Request) -> str | None:
+        if request.path.startswith("/int/"):
+            # The integration cluster: HTTP Basic, checked in live_token.
+            return request.headers.get("Authorization") or None
+        return super().credential_of(request)
+
+    def live_token(self, token: str | None, kinds: frozenset[str]) -> IssuedToken | None:
+        if token is not None and token[:6].lower() == "basic ":
+            basic = basic_credentials(token)
+            ok = (
+                basic is not None
+                and basic[0].lower() == self.username.lower()
+                and basic[1] == self.password
+                and self.user_enabled
+            )
+            return IssuedToken("access", "basic", self.username, None) if ok else None
+        issued = super().live_token(token, kinds)
+        if issued is not None and issued.kind == "access":
+            # An ID token is a Bearer only where the provider accepts only ID tokens.
+            if bool(issued.data.get("id_token")) != self.id_token_only:
+                return None
+        return issued
+
+    def state(self) -> JSON:
+        return {
+            **super().state(),
+            "refresh_reuse_events": self.refresh_reuse_events,
+            "locked_refusals": self.locked_refusals,
+            "login_failures": self.login_failures.failures,
+            "locked": self.locked(),
+            "user_enabled": self.user_enabled,
+        }
+
+    def locked(self) -> bool:
+        """True while brute-force detection refuses this user (even the right password)."""
+        return not self.user_enabled or self.clock() < self.login_failures.not_before
 
     def unauthorized(self, request: web.Request, credential: str | None) -> web.Response:
         challenge = f'Bearer realm="{self.realm}"'
@@ -173,7 +317,7 @@ class IfsApps10Sim(Simulator):
 
     def _client_problem(self, call: TokenCall) -> web.Response | None:
         problem = self.client_matches(call, self.client_id, self.client_secret)
-        if problem == "unknown_client":
+        if problem == "unknown_client" or not self.client_enabled:
             return oauth_error(
                 401, "invalid_client", "Invalid client or Invalid client credentials"
             )
@@ -201,26 +345,97 @@ class IfsApps10Sim(Simulator):
         if (problem := self._precheck(request, call, needs_grant=True)) is not None:
             return problem
         grant_type = call.form["grant_type"]
+        if "realm" not in request.match_info and self.native_resource is not None:
+            if call.form.get("resource") != self.native_resource:
+                return oauth_error(400, "invalid_request", "Missing or unknown resource")
         if grant_type == "password":
-            username = call.form.get("username", "")
-            if (
-                username.lower() != self.username.lower()
-                or call.form.get("password") != self.password
-            ):
-                return oauth_error(401, "invalid_grant", "Invalid user credentials")
-            scope = self._granted_scope(call.form.get("scope", ""))
-            return self._grant(request, self.new_grant_id(), str(uuid.uuid4()), scope)
+            return self._password_grant(request, call)
         if grant_type == "refresh_token":
             refresh = call.form.get("refresh_token")
+            known = self._issued.get(refresh) if refresh else None
+            if (
+                self.revoke_refresh_token
+                and known is not None
+                and known.kind == "refresh"
+                and known.data.get("used")
+            ):
+                # Keycloak ends the whole session: the newest refresh token dies too.
+                self.refresh_reuse_events += 1
+                self.kill_grant(known.grant_id)
+                return oauth_error(
+                    400, "invalid_grant", "Maximum allowed refresh token reuse exceeded"
+                )
             issued = self.live_token(refresh, REFRESH)
             if refresh is None or issued is None:
                 return oauth_error(400, "invalid_grant", "Token is not active")
-            if self.rotate_refresh:
+            if self.rotate_refresh or self.revoke_refresh_token:
                 self.kill_token(refresh)
+                issued.data["used"] = True
             return self._grant(
                 request, issued.grant_id, issued.data["session_state"], issued.data["scope"]
             )
+        if grant_type == "client_credentials":
+            if not self.service_accounts:
+                return oauth_error(
+                    400, "unauthorized_client", "Client not enabled to retrieve service account"
+                )
+            scope = self._granted_scope(call.form.get("scope", ""))
+            return self._grant(
+                request, self.new_grant_id(), str(uuid.uuid4()), scope, with_refresh=False
+            )
         return oauth_error(400, "unsupported_grant_type", "Unsupported grant_type")
+
+    def _invalid_credentials(self) -> web.Response:
+        status = 400 if _version(self.keycloak_version) >= (26, 6) else 401
+        return oauth_error(status, "invalid_grant", "Invalid user credentials")
+
+    def _password_grant(self, request: web.Request, call: TokenCall) -> web.Response:
+        """Keycloak's direct grant, in its order: client allowed, user state, lock, password."""
+        if not self.direct_grants:
+            return oauth_error(
+                400, "unauthorized_client", "Client not allowed for direct access grants"
+            )
+        username = call.form.get("username", "")
+        if username.lower() != self.username.lower():
+            return self._invalid_credentials()
+        if not self.user_enabled:
+            return oauth_error(400, "invalid_grant", "Account disabled")
+        if self.brute_force and self.locked():
+            self.locked_refusals += 1
+            return self._invalid_credentials()
+        if call.form.get("password") != self.password:
+            if self.brute_force:
+                self._record_failure()
+            return self._invalid_credentials()
+        self.login_failures = LoginFailures()  # a success clears the record
+        if not self.user_set_up:
+            return oauth_error(400, "invalid_grant", "Account is not fully set up")
+        scope = self._granted_scope(call.form.get("scope", ""))
+        return self._grant(request, self.new_grant_id(), str(uuid.uuid4()), scope)
+
+    def _record_failure(self) -> None:
+        """Keycloak's ``BruteForceProtector.failure`` arithmetic."""
+        record = self.login_failures
+        now = self.clock()
+        delta = now - record.last_failure if record.last_failure else 0.0
+        if delta > self.max_delta_time:
+            record.failures = 0
+        record.failures += 1
+        record.last_failure = now
+        wait = 0.0
+        if record.failures % self.failure_factor == 0:
+            wait = min(
+                self.max_failure_wait,
+                self.wait_increment * (record.failures // self.failure_factor),
+            )
+            if self.permanent_lockout:
+                self.user_enabled = False  # Keycloak disables the user
+                return
+        if 0 < delta < self.quick_login_check:
+            wait = max(self.minimum_quick_login_wait, wait)
+        if wait > 0:
+            record.not_before = now + wait
+            record.lockouts += 1
 
     @staticmethod
     def _granted_scope(requested: str) -> str:
@@ -228,7 +443,13 @@ class IfsApps10Sim(Simulator):
         return " ".join(dict.fromkeys([*wanted, *_DEFAULT_SCOPES]))
 
     def _grant(
-        self, request: web.Request, grant_id: str, session_state: str, scope: str
+        self,
+        request: web.Request,
+        grant_id: str,
+        session_state: str,
+        scope: str,
+        *,
+        with_refresh: bool = True,
     ) -> web.Response:
         issuer = self._issuer(request)
         common = {
@@ -245,25 +466,30 @@ class IfsApps10Sim(Simulator):
             lifetime=self.token_lifetime,
             claims={**common, **user, "typ": "Bearer", "aud": "account"},
         )
-        refresh = self.issue(
-            "refresh",
-            grant_id=grant_id,
-            subject=self.user_id,
-            lifetime=self.refresh_lifetime,
-            claims={**common, "typ": "Refresh", "aud": issuer, "scope": scope},
-            data={"session_state": session_state, "scope": scope},
-        )
         body: JSON = {"access_token": access}
         if not self.omit_expires_in:
-            body["expires_in"] = self.token_lifetime
-        body |= {
-            "refresh_expires_in": self.refresh_lifetime,
-            "refresh_token": refresh,
-            "token_type": "Bearer",
-        }
+            body["expires_in"] = (
+                str(self.token_lifetime) if self.expires_in_string else self.token_lifetime
+            )
+        if with_refresh:
+            body["refresh_expires_in"] = self.refresh_lifetime
+            body["refresh_token"] = self.issue(
+                "refresh",
+                grant_id=grant_id,
+                subject=self.user_id,
+                lifetime=self.refresh_lifetime,
+                claims={**common, "typ": "Refresh", "aud": issuer, "scope": scope},
+                data={"session_state": session_state, "scope": scope},
+            )
+        body["token_type"] = "Bearer"
         if "openid" in scope.split():
-            body["id_token"] = mint_jwt(
-                {**common, **user, "typ": "ID", "aud": self.client_id, "sub": self.user_id}
+            body["id_token"] = self.issue(
+                "access",
+                grant_id=grant_id,
+                subject=self.user_id,
+                lifetime=self.token_lifetime,
+                claims={**common, **user, "typ": "ID", "aud": self.client_id},
+                data={"id_token": True},
             )
         body |= {"not-before-policy": 0, "session_state": session_state, "scope": scope}
         return token_response(body)
@@ -332,6 +558,12 @@ class IfsApps10Sim(Simulator):
     # OData -------------------------------------------------------------------------------
 
     async def _odata(self, request: web.Request, call: ApiCall) -> web.Response:
+        if self.mi_modified_errors > 0:
+            # IFS raises it before executing anything after a metadata change.
+            self.mi_modified_errors -= 1
+            return odata_error(
+                500, "MI_MODIFIED_ERROR", "The metadata has been modified; retry the request."
+            )
         path, _, query_string = request.raw_path.partition("?")
         service, _, resource = path[len(API_PREFIX) :].lstrip("/").partition("/")
         query = urllib.parse.parse_qs(query_string, keep_blank_values=True)

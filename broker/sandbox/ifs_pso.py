@@ -14,10 +14,17 @@ all under ``/IFSSchedulingRESTfulGateway/api/v1/scheduling``::
     GET    /resource     apiKey → {"dsScheduleData": {"Resources": [...]}}
     POST   /appointment  apiKey → {"dsScheduleData": {"Appointment_Offer": [...]}}
 
-A missing, unknown or expired session on any apiKey call: 401
-``{"Message": "Authorization has been denied for this request."}`` (the gateway is ASP.NET).
-Sessions never expire unless ``session_lifetime`` is set (seconds from login, not idle time);
-then the token's JWT ``exp`` says so too.
+A missing, unknown or expired session on any apiKey call, by ``dead_session_style`` (real
+clients handle all three; which one a Gateway uses is not documented)::
+
+    "401" (default)  401 {"Message": "Authorization has been denied for this request."}
+    "400"            400 {"Message": "AUTHENTICATION_FAILED"}   what current clients handle
+    "200"            200 {"Code": 401, "Message": "INVALID_SESSION"}   older Gateways
+
+Sessions never expire unless ``session_lifetime`` is set (seconds from login; then the token's
+JWT ``exp`` says so too) or ``session_idle_timeout`` is (seconds without a call) [guess: PSO
+documents neither]. Switches are settable with ``POST /_sandbox/switches``, e.g.
+``{"dead_session_style": "200", "session_idle_timeout": 1200}``.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from aiohttp import web
 
 from .base import (
     ApiCall,
+    IssuedToken,
     Simulator,
     TokenCall,
     Validator,
@@ -42,6 +50,14 @@ from .base import (
 PSO_BASE = "/IFSSchedulingRESTfulGateway/api/v1/scheduling"
 SESSION = frozenset({"session"})
 _CREDENTIAL_FIELDS = frozenset({"accountid", "username", "password"})
+DEAD_SESSION_STYLES = ("400", "401", "200")
+
+
+def _style(value: object) -> str:
+    text = str(value)
+    if text not in DEAD_SESSION_STYLES:
+        raise ValueError(f"expected one of {', '.join(DEAD_SESSION_STYLES)}")
+    return text
 
 
 def pso_message(status: int, message: str) -> web.Response:
@@ -57,6 +73,8 @@ class PsoSim(Simulator):
         "username": as_str,
         "password": as_str,
         "session_lifetime": optional(as_float),
+        "session_idle_timeout": optional(as_float),
+        "dead_session_style": _style,
     }
 
     def __init__(
@@ -66,12 +84,18 @@ class PsoSim(Simulator):
         username: str = "svc-broker",
         password: str = "pso-password",
         session_lifetime: float | None = None,
+        session_idle_timeout: float | None = None,
+        dead_session_style: str = "401",
+        **switches: Any,
     ) -> None:
         super().__init__()
+        self.session_idle_timeout = session_idle_timeout
+        self.dead_session_style = _style(dead_session_style)
         self.account_id = account_id
         self.username = username
         self.password = password
         self.session_lifetime = session_lifetime
+        self.set_switches(switches)
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         router.add_post(PSO_BASE + "/session", self.token_route(self._login, "session"))
@@ -86,7 +110,24 @@ class PsoSim(Simulator):
         return request.headers.get("apiKey") or None
 
     def unauthorized(self, request: web.Request, credential: str | None) -> web.Response:
+        if self.dead_session_style == "400":
+            return pso_message(400, "AUTHENTICATION_FAILED")
+        if self.dead_session_style == "200":
+            return json_response({"Code": 401, "Message": "INVALID_SESSION"})
         return pso_message(401, "Authorization has been denied for this request.")
+
+    def live_token(self, token: str | None, kinds: frozenset[str]) -> IssuedToken | None:
+        """A session also dies after ``session_idle_timeout`` seconds without a call."""
+        issued = super().live_token(token, kinds)
+        if issued is None or issued.kind != "session":
+            return issued
+        now = self.clock()
+        last = issued.data.get("last_used", now)
+        if self.session_idle_timeout is not None and now - last >= self.session_idle_timeout:
+            issued.alive = False
+            return None
+        issued.data["last_used"] = now
+        return issued
 
     async def _login(self, request: web.Request, call: TokenCall) -> web.Response:
         if any(name.lower() in _CREDENTIAL_FIELDS for name in request.query):
@@ -104,6 +145,7 @@ class PsoSim(Simulator):
             subject=self.username,
             lifetime=self.session_lifetime,
             claims={"account": self.account_id},
+            data={"last_used": self.clock()},
         )
         return json_response({"SessionToken": token})
 

@@ -21,10 +21,22 @@ Gateway order of checks: 401 (token missing/invalid/expired) → 429 (``quota``:
 accepted calls per window, with ``Retry-After`` unless ``quota_retry_after`` is False) → 403
 (``forbidden_paths``: prefixes of the decoded request path, e.g. ``/ACME_TST/M3``). Error bodies
 are a guess (Infor documents none).
+
+Switches (constructor arguments, or ``POST /_sandbox/switches``)::
+
+    grant_idle_days      30: a grant whose refresh token was not used for that long dies
+                         ("refresh at least every ~25 days"); advance the clock with
+                         ``POST /_sandbox/clock`` to see it
+    rotation_period      None: rotate on every refresh; seconds (e.g. 28800, "about every
+                         8 h"): the same refresh token comes back until it is that old
+    quota_retry_after    false: 429 without ``Retry-After`` (Infor documents none)
+    smoothing            true: over the quota, calls are delayed until the window has room
+                         (spike arrest's rate smoothing) instead of refused
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections import deque
 from collections.abc import Mapping
@@ -39,6 +51,7 @@ from .base import (
     TokenCall,
     Validator,
     as_bool,
+    as_float,
     as_int,
     as_str,
     json_response,
@@ -77,6 +90,9 @@ class InforIonSim(Simulator):
         "quota": optional(_quota),
         "quota_retry_after": as_bool,
         "forbidden_paths": _paths,
+        "grant_idle_days": as_float,
+        "rotation_period": optional(as_float),
+        "smoothing": as_bool,
     }
 
     def __init__(
@@ -91,8 +107,19 @@ class InforIonSim(Simulator):
         issue_refresh: bool = True,
         rotate_refresh: bool = True,
         quota: tuple[int, float] | None = None,
+        grant_idle_days: float = 30.0,
+        rotation_period: float | None = None,
+        smoothing: bool = False,
+        **switches: Any,
     ) -> None:
         super().__init__()
+        self.grant_idle_days = grant_idle_days
+        self.rotation_period = rotation_period
+        self.smoothing = smoothing
+        #: Grant id → when its refresh token was last used (or the grant issued).
+        self.grant_used: dict[str, float] = {}
+        #: Grants that died of idleness.
+        self.idle_deaths = 0
         self.tenant = tenant
         self.client_id = client_id
         self.client_secret = client_secret
@@ -107,6 +134,7 @@ class InforIonSim(Simulator):
         #: Decoded path prefixes that answer 403 even with a valid token (scope missing).
         self.forbidden_paths: set[str] = set()
         self._accepted: deque[float] = deque()
+        self.set_switches(switches)
 
     def ionapi(self, *, upper_keys: bool = False, pu_trailing_slash: bool = True) -> JSON:
         """A ``.ionapi`` document pointing at this simulator (start it first)."""
@@ -163,8 +191,33 @@ class InforIonSim(Simulator):
             {"WWW-Authenticate": challenge},
         )
 
+    def _quota_wait(self) -> float:
+        """Seconds until the quota window has room (0: it has room now)."""
+        if self.quota is None:
+            return 0.0
+        limit, window = self.quota
+        now = self.clock()
+        while self._accepted and self._accepted[0] <= now - window:
+            self._accepted.popleft()
+        if len(self._accepted) < limit:
+            return 0.0
+        return max(0.001, self._accepted[len(self._accepted) - limit] + window - now)
+
+    async def pace(self, request: web.Request) -> None:
+        if not self.smoothing or self.quota is None:
+            return
+        # The call takes the next free slot now (slots may lie ahead) and waits for it.
+        wait = self._quota_wait()
+        slot = self.clock() + wait
+        self._accepted.append(max(slot, self._accepted[-1]) if self._accepted else slot)
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    def state(self) -> JSON:
+        return {**super().state(), "idle_deaths": self.idle_deaths}
+
     def gate(self, request: web.Request, call: ApiCall) -> web.Response | None:
-        if self.quota is not None:
+        if self.quota is not None and not self.smoothing:
             limit, window = self.quota
             now = self.clock()
             while self._accepted and self._accepted[0] <= now - window:
@@ -208,13 +261,25 @@ class InforIonSim(Simulator):
         if grant_type == "password":
             if call.form.get("username") != self.saak or call.form.get("password") != self.sask:
                 return oauth_error(400, "invalid_grant", "Authentication failed")
-            return self._grant(self.new_grant_id(), None)
+            grant_id = self.new_grant_id()
+            self.grant_used[grant_id] = self.clock()
+            return self._grant(grant_id, None)
         if grant_type == "refresh_token":
             refresh = call.form.get("refresh_token")
             issued = self.live_token(refresh, REFRESH)
             if refresh is None or issued is None:
                 return oauth_error(400, "invalid_grant", "Invalid refresh token")
-            if self.rotate_refresh:
+            now = self.clock()
+            if now - self.grant_used.get(issued.grant_id, now) >= self.grant_idle_days * 86400:
+                self.idle_deaths += 1
+                self.kill_grant(issued.grant_id)
+                return oauth_error(400, "invalid_grant", "Invalid refresh token")
+            self.grant_used[issued.grant_id] = now
+            young = (
+                self.rotation_period is not None
+                and now - issued.data.get("issued", now) < self.rotation_period
+            )
+            if self.rotate_refresh and not young:
                 self.kill_token(refresh)
                 return self._grant(issued.grant_id, None)
             return self._grant(issued.grant_id, refresh)
@@ -239,7 +304,12 @@ class InforIonSim(Simulator):
         elif self.issue_refresh:
             # Infor grants live 30 days by default; the simulator lets them live until revoked.
             body["refresh_token"] = self.issue(
-                "refresh", grant_id=grant_id, subject=self.saak, lifetime=None, claims=claims
+                "refresh",
+                grant_id=grant_id,
+                subject=self.saak,
+                lifetime=None,
+                claims=claims,
+                data={"issued": self.clock()},
             )
         return token_response(body)
 

@@ -812,6 +812,32 @@ class RedisCoordinator:
         return await self._local.take_budget(key, requests, per_seconds)
 
 
+    # -- the login governor's state (broker/governor.py) ------------------------------------
+
+    async def login_state(self, key: str) -> bytes | None:
+        """The fleet's login spacing for ``key``; this replica's own while Redis is down."""
+        if self._store.up:
+            try:
+                name = _key("login", key)
+                value = await self._store.run("get", partial(self._store._client.get, name))
+            except StoreError:
+                pass
+            else:
+                return None if value is None else _bytes(value)
+        return await self._local.login_state(key)
+
+    async def set_login_state(self, key: str, value: bytes | None, ttl: float) -> None:
+        await self._local.set_login_state(key, value, ttl)
+        client, name = self._store._client, _key("login", key)
+        command = (
+            partial(client.delete, name)
+            if value is None
+            else partial(client.set, name, value, px=max(1, round(ttl * 1000)))
+        )
+        with contextlib.suppress(StoreError):
+            await self._store.run("set", command)
+
+
 if TYPE_CHECKING:
 
     def _conforms(store: RedisStore) -> tuple[TokenStore, Coordinator]:
