@@ -16,14 +16,15 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .errors import NoRoute, ProxyError, error_payload, error_response
+from .answers import admin_answer, admin_error
+from .errors import NoRoute, ProxyError
 from .page import StatusPage
 
 if TYPE_CHECKING:
-    from .app import BrokerServer
+    from .runtime import Served
     from .upstream import Connector
 
-SERVER: web.AppKey[BrokerServer] = web.AppKey("server")
+SERVER: web.AppKey[Served] = web.AppKey("server")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -45,7 +46,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ProxyError as exc:
-        return error_response(exc)
+        return admin_error(exc)
     except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
         return _http_error(request, exc)
 
@@ -58,12 +59,7 @@ def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
         headers = {"Allow": allowed}
     else:
         code, message, headers = "not_found", f"no admin endpoint at {request.path[:200]}", {}
-    return web.Response(
-        status=exc.status,
-        body=orjson.dumps(error_payload(code, message)),
-        content_type="application/json",
-        headers={"X-Broker-Error": code, **headers},
-    )
+    return admin_answer(exc.status, code, message, headers=headers)
 
 
 async def _server_header(_request: web.Request, response: web.StreamResponse) -> None:
@@ -203,7 +199,7 @@ async def quit_(request: web.Request) -> web.Response:
     return _json({"stopping": True})
 
 
-def admin_app(server: BrokerServer) -> web.Application:
+def admin_app(server: Served) -> web.Application:
     app = web.Application(middlewares=[_errors])
     app.on_response_prepare.append(_server_header)
     app[SERVER] = server

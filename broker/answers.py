@@ -1,7 +1,9 @@
-"""The one place where errors become the proxy listener's HTTP answers: a broker error
-(:class:`~broker.errors.ProxyError`) or a request the listener refused itself
-(:class:`~broker.server.Refusal`, which speaks HTTP statuses only) becomes a status, the JSON
-body ``{"error": {"code", "message", "connector"}}`` and an ``X-Broker-Error`` header.
+"""The one place where errors become HTTP answers: a broker error
+(:class:`~broker.errors.ProxyError`), a request the proxy listener refused itself
+(:class:`~broker.server.Refusal`, which speaks HTTP statuses only) or an admin request aiohttp
+found no route for becomes a status, the JSON body ``{"error": {"code", "message",
+"connector"}}`` and an ``X-Broker-Error`` header — on the proxy listener as a
+:class:`~broker.server.Response`, on the admin listener as aiohttp's ``web.Response``.
 """
 
 from __future__ import annotations
@@ -9,9 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from aiohttp import web
 
-from .errors import ProxyError, error_payload
+from .errors import ProxyError
 from .server import Refusal, Response
+
+#: The header that names the code of every error the broker answers itself.
+ERROR_HEADER = "X-Broker-Error"
 
 #: The code of each status the listener refuses a request with (README, "Errors the broker
 #: makes").
@@ -26,6 +32,11 @@ REFUSAL_CODES = {
 }
 
 
+def error_payload(code: str, message: str, connector: str | None = None) -> dict[str, Any]:
+    """The JSON body of every error the broker answers itself."""
+    return {"error": {"code": code, "message": message, "connector": connector}}
+
+
 def json_response(status: int, payload: Any, headers: list[tuple[str, str]]) -> Response:
     return Response(status, [("Content-Type", "application/json"), *headers], orjson.dumps(payload))
 
@@ -35,7 +46,7 @@ def error_answer(error: ProxyError) -> Response:
     return json_response(
         error.status,
         error_payload(error.code, error.message, error.connector),
-        [("X-Broker-Error", error.code)],
+        [(ERROR_HEADER, error.code)],
     )
 
 
@@ -43,5 +54,26 @@ def refusal_answer(refusal: Refusal) -> Response:
     """A request the listener refused, as the proxy listener answers it."""
     code = REFUSAL_CODES.get(refusal.status, "bad_request")
     return json_response(
-        refusal.status, error_payload(code, refusal.message), [("X-Broker-Error", code)]
+        refusal.status, error_payload(code, refusal.message), [(ERROR_HEADER, code)]
     )
+
+
+def admin_answer(
+    status: int,
+    code: str,
+    message: str,
+    connector: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    """An error as the admin listener (aiohttp) answers it."""
+    return web.Response(
+        status=status,
+        body=orjson.dumps(error_payload(code, message, connector)),
+        content_type="application/json",
+        headers={ERROR_HEADER: code, **(headers or {})},
+    )
+
+
+def admin_error(error: ProxyError) -> web.Response:
+    """A broker error as the admin listener answers it."""
+    return admin_answer(error.status, error.code, error.message, error.connector)

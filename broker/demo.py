@@ -21,10 +21,11 @@ from typing import Any
 import orjson
 import yaml
 
-from .app import Broker, BrokerServer
+from .app import BrokerServer
 from .config import DEFAULT_ADMIN_LISTEN, DEFAULT_LISTEN, _parse_hostport, parse_config
 from .errors import BrokerError
 from .ports import is_free
+from .runtime import Broker
 from .sandbox import Sandboxes, start_all
 
 READY_TIMEOUT = 15.0

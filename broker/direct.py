@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 
 from .config import ConnectorConfig
+from .credential import Token
 from .errors import TokenEndpointError, TokenError
-from .tokens import Token
 from .types import Authenticator, Clock
 from .upstream import ssl_context
 

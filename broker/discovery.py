@@ -23,8 +23,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .config import IfsApps10Config
+from .credential import Token
 from .errors import DiscoveryFailed, ProxyError, TokenError
-from .tokens import Token
 from .types import Clock, CredentialSource, TokenStore
 
 log = structlog.get_logger("broker.discovery")

@@ -18,16 +18,13 @@
         ├── RateLimited             429 rate_limited (client-side budget or wait queue full)
         └── DiscoveryFailed         502 discovery_failed (IFS projection list / $openapi)
 
-Messages never contain a secret: they name the setting to check instead.
+Messages never contain a secret: they name the setting to check instead. How an error becomes
+an HTTP answer is :mod:`broker.answers`' business alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
-
-import orjson
-from aiohttp import web
 
 
 class BrokerError(Exception):
@@ -139,20 +136,3 @@ class RateLimited(ProxyError):
 class DiscoveryFailed(ProxyError):
     status = 502
     code = "discovery_failed"
-
-
-def error_payload(code: str, message: str, connector: str | None = None) -> dict[str, Any]:
-    """The JSON body of every error the broker answers itself."""
-    return {"error": {"code": code, "message": message, "connector": connector}}
-
-
-def error_response(error: ProxyError) -> web.Response:
-    """The one mapping from a broker error to an HTTP response (aiohttp's, for the admin
-    listener; the proxy listener's is :func:`broker.answers.error_answer`)."""
-    body = error_payload(error.code, error.message, error.connector)
-    return web.Response(
-        status=error.status,
-        body=orjson.dumps(body),
-        content_type="application/json",
-        headers={"X-Broker-Error": error.code},
-    )

@@ -30,8 +30,8 @@ from . import __version__
 from .errors import ProxyError
 
 if TYPE_CHECKING:
-    from .app import BrokerServer
     from .metrics import Metrics
+    from .runtime import Served
     from .upstream import Connector
 
 #: How often the page reloads itself, and how often per-minute activity is sampled.
@@ -115,7 +115,7 @@ class Banner:
 class StatusPage:
     """``GET /`` and its two actions; ``info`` and ``guard`` are the admin API's own."""
 
-    def __init__(self, server: BrokerServer, info: ConnectorInfo, guard: Guard) -> None:
+    def __init__(self, server: Served, info: ConnectorInfo, guard: Guard) -> None:
         self.server = server
         self.info = info
         self.guard = guard
@@ -421,7 +421,7 @@ def _card(
 
 
 def render(
-    server: BrokerServer,
+    server: Served,
     info: ConnectorInfo,
     activity: Activity,
     banner: Banner | None,

@@ -18,9 +18,9 @@ from yarl import URL
 
 from .config import INFOR_CHECK_PATH, ConnectorConfig, IfsApps10Config, IfsPsoConfig
 from .connectors import build_authenticator
+from .credential import Token
 from .direct import FreshCredentials, direct_session
 from .errors import CredentialsRejected, TokenError
-from .tokens import Token
 
 LOGIN, CHECK = "login", "check"
 

@@ -10,18 +10,18 @@ service account is not locked out.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import random
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import orjson
 import structlog
 
 from .connectors.oauth import CAUSES, ENDPOINT_ERROR
+from .coordinator import LocalCoordinator
+from .credential import Token
 from .errors import (
     AuthFailed,
     ConnectorUnavailable,
@@ -34,7 +34,6 @@ from .errors import (
 from .governor import CLEAR, LoginBackoffPolicy, LoginGovernor, LoginState
 from .metrics import Metrics
 from .retry import backoff_delay
-from .secrets import register
 from .types import Authenticator, Clock, Coordinator, TokenStore, TokenTracer
 
 log = structlog.get_logger("broker.tokens")
@@ -43,126 +42,6 @@ log = structlog.get_logger("broker.tokens")
 TRANSIENT_BACKOFF_MAX = 60.0
 #: Longest automatic refresh-ahead margin (a 2-hour Infor token refreshes 5 minutes early).
 MAX_REFRESH_AHEAD = 300.0
-
-
-@dataclass(frozen=True, slots=True)
-class Token:
-    """A credential as the ERP issued it. Times are Unix seconds."""
-
-    access: str = field(repr=False)
-    obtained_at: float
-    expires_at: float | None  # None: no lifetime known (a PSO session lives until rejected)
-    grant: str
-    refresh: str | None = field(default=None, repr=False)
-    refresh_expires_at: float | None = None
-    #: Where expires_at came from: "expires_in", "jwt", "default", "session_ttl" or "none".
-    lifetime_source: str = "expires_in"
-
-    def __post_init__(self) -> None:
-        register(self.access)
-        if self.refresh:
-            register(self.refresh)
-        # It goes into a header of every request: a control character would be a header
-        # injection (checked once here, not on every request).
-        if not self.access.isprintable():
-            raise TokenEndpointError(
-                "the token endpoint issued an access token holding control characters; refused"
-            )
-
-    def expired(self, now: float) -> bool:
-        """True once the token is too close to its expiry to be sent."""
-        if self.expires_at is None:
-            return False
-        lifetime = max(0.0, self.expires_at - self.obtained_at)
-        return now >= self.expires_at - min(5.0, 0.1 * lifetime)
-
-    def refresh_usable(self, now: float) -> bool:
-        if not self.refresh:
-            return False
-        return self.refresh_expires_at is None or now < self.refresh_expires_at - 1.0
-
-    def to_json(self) -> bytes:
-        return orjson.dumps(
-            {
-                "access": self.access,
-                "refresh": self.refresh,
-                "obtained_at": self.obtained_at,
-                "expires_at": self.expires_at,
-                "refresh_expires_at": self.refresh_expires_at,
-                "grant": self.grant,
-                "lifetime_source": self.lifetime_source,
-            }
-        )
-
-    @classmethod
-    def from_json(cls, data: bytes) -> Token:
-        raw = orjson.loads(data)
-        return cls(
-            access=raw["access"],
-            refresh=raw.get("refresh"),
-            obtained_at=float(raw["obtained_at"]),
-            expires_at=raw.get("expires_at"),
-            refresh_expires_at=raw.get("refresh_expires_at"),
-            grant=raw.get("grant", "password"),
-            lifetime_source=raw.get("lifetime_source", "expires_in"),
-        )
-
-
-def jwt_expiry(value: str) -> float | None:
-    """The ``exp`` claim of a JWT-shaped token, without verifying it (we are not the audience)."""
-    parts = value.split(".")
-    if len(parts) != 3:
-        return None
-    payload = parts[1] + "=" * (-len(parts[1]) % 4)
-    try:
-        claims = orjson.loads(base64.urlsafe_b64decode(payload))
-    except (ValueError, orjson.JSONDecodeError):
-        return None
-    exp = claims.get("exp") if isinstance(claims, dict) else None
-    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
-
-
-def token_from_oauth(
-    body: Any, *, grant: str, now: float, default_lifetime: float, previous: Token | None = None
-) -> Token:
-    """Build a Token from an OAuth2 token response; raise TokenEndpointError if it has none.
-
-    Lifetime comes from ``expires_in``, else the JWT ``exp``, else ``default_lifetime``. A
-    refresh response without a refresh token keeps the previous one (no rotation).
-    """
-    if not isinstance(body, dict) or not isinstance(body.get("access_token"), str):
-        raise TokenEndpointError("the token endpoint answered without an access_token")
-    access: str = body["access_token"]
-    if not access:
-        raise TokenEndpointError("the token endpoint answered with an empty access_token")
-    expires_in = body.get("expires_in")
-    source = "expires_in"
-    expires_at: float | None
-    if isinstance(expires_in, int | float | str) and str(expires_in).replace(".", "", 1).isdigit():
-        expires_at = now + float(expires_in)
-    elif (exp := jwt_expiry(access)) is not None:
-        expires_at, source = exp, "jwt"
-    else:
-        expires_at, source = now + default_lifetime, "default"
-    refresh = body.get("refresh_token")
-    refresh_expires_at: float | None = None
-    if isinstance(refresh, str) and refresh:
-        refresh_in = body.get("refresh_expires_in")
-        if isinstance(refresh_in, int | float) and refresh_in > 0:
-            refresh_expires_at = now + float(refresh_in)
-    elif previous is not None and previous.refresh:
-        refresh, refresh_expires_at = previous.refresh, previous.refresh_expires_at
-    else:
-        refresh = None
-    return Token(
-        access=access,
-        obtained_at=now,
-        expires_at=expires_at,
-        grant=grant,
-        refresh=refresh,
-        refresh_expires_at=refresh_expires_at,
-        lifetime_source=source,
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,53 +60,6 @@ class TokenPolicy:
     #: Longest a refresh grant may sit idle (Infor grants die after 30 days unused).
     keepalive: float | None = None
     revoke_on_shutdown: bool = False
-
-
-class LocalCoordinator:
-    """Coordination within one process: nothing to share beyond what the manager holds."""
-
-    def __init__(self, clock: Clock = time.time) -> None:
-        self._clock = clock
-        self._windows: dict[str, float] = {}
-        self._budgets: dict[str, list[float]] = {}
-        self._login_states: dict[str, bytes] = {}
-
-    @contextlib.asynccontextmanager
-    async def _no_lock(self) -> Any:
-        yield
-
-    def refresh_lock(self, key: str) -> Any:
-        return self._no_lock()
-
-    async def wait_window(self, key: str) -> float:
-        return max(0.0, self._windows.get(key, 0.0) - self._clock())
-
-    def window_open(self, key: str) -> bool:
-        """Fast path of :meth:`wait_window`: True when no window holds ``key`` now."""
-        until = self._windows.get(key)
-        return until is None or until <= self._clock()
-
-    async def set_window(self, key: str, until: float) -> None:
-        self._windows[key] = max(self._windows.get(key, 0.0), until)
-
-    async def login_state(self, key: str) -> bytes | None:
-        return self._login_states.get(key)
-
-    async def set_login_state(self, key: str, value: bytes | None, ttl: float) -> None:
-        if value is None:
-            self._login_states.pop(key, None)
-        else:
-            self._login_states[key] = value
-
-    async def take_budget(self, key: str, requests: int, per_seconds: float) -> float:
-        now = self._clock()
-        stamps = self._budgets.setdefault(key, [])
-        while stamps and stamps[0] <= now - per_seconds:
-            stamps.pop(0)
-        if len(stamps) < requests:
-            stamps.append(now)
-            return 0.0
-        return max(0.001, stamps[len(stamps) - requests] + per_seconds - now)
 
 
 class TokenManager:
@@ -334,10 +166,7 @@ class TokenManager:
         return self._current
 
     def usable(self) -> bool:
-        token = self._current
-        return (
-            token is not None and token is not self._rejected and not token.expired(self._clock())
-        )
+        return self.valid() is not None
 
     @property
     def refreshing(self) -> bool:
@@ -359,11 +188,12 @@ class TokenManager:
         return None
 
     async def get(self) -> Token:
-        """A credential that has not expired, waiting for a token request if needed."""
-        token = self._current
-        if token is not None and token is not self._rejected and not token.expired(self._clock()):
+        """A credential that has not expired, waiting for a token request if needed (callers
+        on a hot path try :meth:`valid` first, which needs no coroutine)."""
+        token = self.valid()
+        if token is not None:
             return token
-        return await self._wait_for_new(reason="expired" if token else "none")
+        return await self._wait_for_new(reason="expired" if self._current else "none")
 
     async def reject(self, token: Token) -> Token:
         """The ERP refused ``token``: get a new one, unless another request already did."""

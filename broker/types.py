@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 from multidict import CIMultiDict
 
 if TYPE_CHECKING:
-    from .tokens import Token
+    from .credential import Token
 
 #: Wall-clock seconds (``time.time``); injectable so token expiry can be tested.
 Clock = Callable[[], float]
@@ -95,6 +95,11 @@ class Coordinator(Protocol):
 
     async def wait_window(self, key: str) -> float:
         """Seconds until the connector's current rate-limit window closes (0 if none)."""
+        ...
+
+    def window_open(self, key: str) -> bool:
+        """True when no rate-limit window holds ``key`` now: the synchronous first check of
+        :meth:`wait_window`, from what this process knows."""
         ...
 
     async def set_window(self, key: str, until: float) -> None:

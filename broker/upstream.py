@@ -20,7 +20,7 @@ from .http1 import Pool
 from .links import LinkRewriter
 from .matchers import ResponseRules
 from .metrics import ConnectorSeries, Metrics
-from .tokens import LocalCoordinator, TokenManager, TokenPolicy
+from .tokens import TokenManager, TokenPolicy
 from .types import Authenticator, Clock, Coordinator, TokenStore
 
 log = structlog.get_logger("broker.upstream")
@@ -194,15 +194,10 @@ class Connector:
         return f"{target}?{query}" if query else target
 
     def turn_ready(self) -> bool:
-        """Fast path of :meth:`wait_turn`: True when nothing can make this request wait (no
-        client-side rate_limit, a local coordinator and no rate-limit window open now), so
-        no coroutine is needed. False means: call :meth:`wait_turn`."""
-        coordinator = self.coordinator
-        return (
-            self.config.rate_limit is None
-            and type(coordinator) is LocalCoordinator
-            and coordinator.window_open(self.name)
-        )
+        """The cheap first check of :meth:`wait_turn`: True when nothing can make this request
+        wait (no client-side rate_limit, no rate-limit window open now), so no coroutine is
+        needed. False means: call :meth:`wait_turn`."""
+        return self.config.rate_limit is None and self.coordinator.window_open(self.name)
 
     async def wait_turn(self) -> None:
         """Wait out a rate-limit window and take from the request budget, boundedly."""

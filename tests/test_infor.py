@@ -14,10 +14,10 @@ import pytest
 
 from broker.app import Broker, BrokerServer
 from broker.config import parse_config
+from broker.credential import Token
 from broker.errors import ConfigError
 from broker.sandbox import InforIonSim
 from broker.stores import MemoryStore
-from broker.tokens import Token
 
 from .conftest import BrokerFactory, infor_connector
 from .procs import BrokerProcess

@@ -16,8 +16,8 @@ import aiohttp
 from multidict import CIMultiDict
 
 from ..config import IfsApps10Config
+from ..credential import Token, token_from_oauth
 from ..errors import TokenEndpointError
-from ..tokens import Token, token_from_oauth
 from ..types import Clock
 from .oauth import REFRESH_GRANT, Hints, basic_auth, classify_oauth, post_form
 

@@ -13,8 +13,8 @@ import aiohttp
 from multidict import CIMultiDict
 
 from ..config import IfsPsoConfig
+from ..credential import Token
 from ..errors import CredentialsRejected, TokenEndpointError
-from ..tokens import Token
 from ..types import Clock
 from .oauth import describe, post_form
 

@@ -12,8 +12,8 @@ import aiohttp
 from multidict import CIMultiDict
 
 from ..config import InforIonConfig
+from ..credential import Token, token_from_oauth
 from ..errors import TokenEndpointError
-from ..tokens import Token, token_from_oauth
 from ..types import Clock
 from .oauth import REFRESH_GRANT, Hints, classify_oauth, describe, post_form
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from ..credential import Token
 from ..crypto import Codec
-from ..tokens import Token
 
 
 class MemoryStore:

@@ -58,6 +58,8 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
 from ..config import DEFAULT_LOCK_LEASE, StoreConfig, mask_url_password
+from ..coordinator import LocalCoordinator
+from ..credential import Token
 from ..crypto import Codec
 from ..errors import EncryptionKeyError, StoreError
 from ..redis_url import (
@@ -68,7 +70,6 @@ from ..redis_url import (
     scheme_of,
 )
 from ..secrets import register
-from ..tokens import LocalCoordinator, Token
 from ..types import Coordinator, TokenStore
 
 if TYPE_CHECKING:
@@ -778,6 +779,9 @@ class RedisCoordinator:
     async def wait_window(self, key: str) -> float:
         # Local: every window set anywhere in the fleet was pushed here as it was set.
         return await self._local.wait_window(key)
+
+    def window_open(self, key: str) -> bool:
+        return self._local.window_open(key)
 
     async def set_window(self, key: str, until: float) -> None:
         await self._local.set_window(key, until)

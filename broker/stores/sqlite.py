@@ -10,9 +10,9 @@ from pathlib import Path
 
 import aiosqlite
 
+from ..credential import Token
 from ..crypto import Codec
 from ..errors import EncryptionKeyError, StoreError
-from ..tokens import Token
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from broker.coordinator import LocalCoordinator
 from broker.governor import LoginBackoffPolicy, LoginGovernor
-from broker.tokens import LocalCoordinator
 
 
 class Clock:

@@ -197,7 +197,8 @@ class TestConnectorSeries:
 class TestFastPaths:
     def test_token_valid_is_get_without_a_coroutine(self) -> None:
         """TokenManager.valid(): the current token when usable, None whenever get() would wait."""
-        from broker.tokens import Token, TokenManager
+        from broker.credential import Token
+        from broker.tokens import TokenManager
 
         manager = TokenManager.__new__(TokenManager)
         now = [1000.0]
@@ -218,7 +219,7 @@ class TestFastPaths:
         """LocalCoordinator.window_open() is True exactly when wait_window() would say 0."""
         import asyncio
 
-        from broker.tokens import LocalCoordinator
+        from broker.coordinator import LocalCoordinator
 
         now = [100.0]
         coordinator = LocalCoordinator(clock=lambda: now[0])
@@ -230,10 +231,11 @@ class TestFastPaths:
             assert coordinator.window_open("c") is (wait == 0)
 
     def test_turn_ready_only_without_rate_limit_and_window(self) -> None:
-        """Connector.turn_ready(): False under a rate_limit, a window or a remote coordinator."""
+        """Connector.turn_ready(): False under a rate_limit or a window the coordinator knows
+        of (any coordinator: a Redis one answers from the windows the fleet pushed to it)."""
         from types import SimpleNamespace
 
-        from broker.tokens import LocalCoordinator
+        from broker.coordinator import LocalCoordinator
         from broker.upstream import Connector
 
         coordinator = LocalCoordinator(clock=lambda: 100.0)
@@ -249,8 +251,10 @@ class TestFastPaths:
         connector.config = SimpleNamespace(rate_limit=object())  # type: ignore[assignment]
         assert not connector.turn_ready()
         connector.config = SimpleNamespace(rate_limit=None)  # type: ignore[assignment]
-        connector.coordinator = SimpleNamespace()  # type: ignore[assignment]
+        connector.coordinator = SimpleNamespace(window_open=lambda key: key != "c")  # type: ignore[assignment]
         assert not connector.turn_ready()
+        connector.coordinator = SimpleNamespace(window_open=lambda key: key == "c")  # type: ignore[assignment]
+        assert connector.turn_ready()
 
 
 class TestStreamBack:

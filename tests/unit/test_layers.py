@@ -16,8 +16,16 @@ PACKAGE = Path(__file__).resolve().parents[2] / "broker"
 #: The wire: HTTP/1.1 framing and flow control, knowing nothing of ERPs, tokens or errors.
 WIRE = {"broker.server", "broker.http1", "broker.flow"}
 #: What the wire may never import.
-ABOVE_WIRE = ("broker.proxy", "broker.tokens", "broker.connectors", "broker.errors",
-              "broker.upstream", "broker.app", "broker.admin", "broker.config")
+ABOVE_WIRE = (
+    "broker.proxy",
+    "broker.tokens",
+    "broker.connectors",
+    "broker.errors",
+    "broker.upstream",
+    "broker.app",
+    "broker.admin",
+    "broker.config",
+)
 
 
 def module_name(path: Path) -> str:
@@ -50,12 +58,8 @@ def imports_of(path: Path) -> set[str]:
     return {m for m in found if m in MODULES}
 
 
-MODULES = {
-    module_name(p) for p in PACKAGE.rglob("*.py") if "sandbox" not in p.parts
-}
-GRAPH = {
-    module_name(p): imports_of(p) for p in PACKAGE.rglob("*.py") if "sandbox" not in p.parts
-}
+MODULES = {module_name(p) for p in PACKAGE.rglob("*.py") if "sandbox" not in p.parts}
+GRAPH = {module_name(p): imports_of(p) for p in PACKAGE.rglob("*.py") if "sandbox" not in p.parts}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:

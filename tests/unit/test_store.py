@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from broker.credential import Token
 from broker.crypto import Codec
 from broker.errors import ConfigError, EncryptionKeyError, StoreError
 from broker.secrets import Secret
 from broker.stores import SqliteStore
-from broker.tokens import Token
 
 KEY = Secret(base64.b64encode(b"k" * 32).decode())
 OTHER = Secret(base64.b64encode(b"o" * 32).decode())

@@ -9,6 +9,7 @@ import orjson
 import pytest
 from multidict import CIMultiDict
 
+from broker.credential import Token, jwt_expiry, token_from_oauth
 from broker.errors import (
     AuthFailed,
     ConnectorUnavailable,
@@ -18,7 +19,7 @@ from broker.errors import (
 )
 from broker.metrics import Metrics
 from broker.stores import MemoryStore
-from broker.tokens import Token, TokenManager, TokenPolicy, jwt_expiry, token_from_oauth
+from broker.tokens import TokenManager, TokenPolicy
 
 
 class FakeClock:
