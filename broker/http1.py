@@ -429,6 +429,7 @@ _LENGTH = 2  # a body of known length
 _CHUNKED = 3  # a chunked body (through the parser)
 _UNTIL_CLOSE = 4  # a body that ends with the connection
 _DONE = 5  # nothing more: the answer is complete, not yet released
+_SMALL = 6  # a small body of known length, whole behind its head: through the parser
 
 
 class _Beyond(Exception):
@@ -675,6 +676,12 @@ class _Connection(Reading, asyncio.Protocol):
         assert response is not None and response._remaining is not None
         remaining = response._remaining
         stop = min(len(data), pos + remaining)
+        if pos and stop - pos == remaining <= _COPY_UNDER:
+            # A small body whole behind its head (most answers): through the parser, which
+            # ends the message and stays usable for the next answer.
+            self.state = _SMALL
+            self._parse(data[pos:stop])
+            return stop
         response._remaining = remaining - (stop - pos)
         response._feed(_piece(data, pos, stop))
         if response._remaining == 0:
@@ -697,15 +704,15 @@ class _Connection(Reading, asyncio.Protocol):
         response._feed(piece)
         self._wake()
 
-    def _complete(self) -> None:
-        """The final answer is complete."""
+    def _complete(self, *, renew: bool = True) -> None:
+        """The final answer is complete; ``renew``: the parser was left mid-message (a body
+        read without it, or an answer to HEAD), a new one for the next answer."""
         response = self.response
         assert response is not None
         response._done = True
         self.state = _DONE
-        # The parser may have stopped mid-answer (a body read without it): a new one for the
-        # next answer.
-        self.parser = httptools.HttpResponseParser(self)
+        if renew:
+            self.parser = httptools.HttpResponseParser(self)
         self._wake()
 
     def _beyond(self) -> None:
@@ -835,7 +842,8 @@ class _Connection(Reading, asyncio.Protocol):
         )
         body = framing.body
         if body == 0:
-            self._complete()
+            # llhttp ends bodiless messages itself, but for HEAD it waits for the announced body.
+            self._complete(renew=self._method == "HEAD")
         elif body > 0:
             self.state = _LENGTH
         elif body == CHUNKED:
@@ -849,10 +857,10 @@ class _Connection(Reading, asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         response = self.response
-        if self.state == _CHUNKED and response is not None:
+        if (self.state == _CHUNKED or self.state == _SMALL) and response is not None:
             response._feed(body)
             self._wake()
 
     def on_message_complete(self) -> None:
-        if self.state == _CHUNKED:
-            self._complete()
+        if self.state == _CHUNKED or self.state == _SMALL:
+            self._complete(renew=False)
