@@ -99,7 +99,7 @@ class Framing(NamedTuple):
     length: int | None
 
 
-def body_framing(method: str, status: int, headers: CIMultiDictProxy[str]) -> Framing:
+def body_framing(method: str, status: int, lengths: list[str], codings: list[str]) -> Framing:
     """The body's framing of an answer to ``method`` (RFC 9112, 6.3), decided once, from the
     head alone, before any byte of the body is read.
 
@@ -109,15 +109,16 @@ def body_framing(method: str, status: int, headers: CIMultiDictProxy[str]) -> Fr
     ``gzip, chunked``), a ``Content-Length`` that is not one decimal number (optional
     whitespace around it), or both headers together (a smuggling pattern, RFC 9112 6.1) raise
     :class:`UpstreamProtocolError`: the broker does not guess where an answer ends.
+
+    ``lengths`` and ``codings`` are the values of the answer's ``Content-Length`` and
+    ``Transfer-Encoding`` headers, in order, as they came.
     """
-    lengths = headers.getall("Content-Length", ())
     length: int | None = None
     if lengths:
         value = lengths[0].strip(" \t")
         if len(lengths) > 1 or not (value.isascii() and value.isdigit()) or len(value) > 18:
             raise UpstreamProtocolError("the ERP's answer has an invalid Content-Length")
         length = int(value)
-    codings = headers.getall("Transfer-Encoding", ())
     if codings:
         if [c.strip(" \t").lower() for v in codings for c in v.split(",")] != ["chunked"]:
             shown = ", ".join(codings)[:60]
@@ -428,6 +429,7 @@ _LENGTH = 2  # a body of known length
 _CHUNKED = 3  # a chunked body (through the parser)
 _UNTIL_CLOSE = 4  # a body that ends with the connection
 _DONE = 5  # nothing more: the answer is complete, not yet released
+_SMALL = 6  # a small body of known length, whole behind its head: through the parser
 
 
 class _Beyond(Exception):
@@ -476,6 +478,9 @@ class _Connection(Reading, asyncio.Protocol):
         self._method = ""
         self._reason: list[bytes] = []
         self._headers: list[tuple[str, str]] = []
+        #: The values of the head's Content-Length and Transfer-Encoding headers.
+        self._lengths: list[str] = []
+        self._codings: list[str] = []
         self._head_size = 0
         self._waiter: asyncio.Future[None] | None = None
         #: Bytes of the answer's heads read so far (bounded by MAX_HEAD).
@@ -671,6 +676,12 @@ class _Connection(Reading, asyncio.Protocol):
         assert response is not None and response._remaining is not None
         remaining = response._remaining
         stop = min(len(data), pos + remaining)
+        if pos and stop - pos == remaining <= _COPY_UNDER:
+            # A small body whole behind its head (most answers): through the parser, which
+            # ends the message and stays usable for the next answer.
+            self.state = _SMALL
+            self._parse(data[pos:stop])
+            return stop
         response._remaining = remaining - (stop - pos)
         response._feed(_piece(data, pos, stop))
         if response._remaining == 0:
@@ -693,15 +704,15 @@ class _Connection(Reading, asyncio.Protocol):
         response._feed(piece)
         self._wake()
 
-    def _complete(self) -> None:
-        """The final answer is complete."""
+    def _complete(self, *, renew: bool = True) -> None:
+        """The final answer is complete; ``renew``: the parser was left mid-message (a body
+        read without it, or an answer to HEAD), a new one for the next answer."""
         response = self.response
         assert response is not None
         response._done = True
         self.state = _DONE
-        # The parser may have stopped mid-answer (a body read without it): a new one for the
-        # next answer.
-        self.parser = httptools.HttpResponseParser(self)
+        if renew:
+            self.parser = httptools.HttpResponseParser(self)
         self._wake()
 
     def _beyond(self) -> None:
@@ -780,6 +791,8 @@ class _Connection(Reading, asyncio.Protocol):
             raise _Beyond  # a second message after the answer: stops the parser
         self._reason.clear()
         self._headers = []
+        self._lengths = []
+        self._codings = []
         self._head_size = 0
 
     def on_status(self, status: bytes) -> None:
@@ -789,9 +802,14 @@ class _Connection(Reading, asyncio.Protocol):
         self._head_size += len(name) + len(value) + 4
         if self._head_size > MAX_HEAD:
             raise UpstreamProtocolError(f"the ERP's response head is larger than {MAX_HEAD} bytes")
-        self._headers.append(
-            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-        )
+        pair = (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        self._headers.append(pair)
+        if len(name) in (14, 17):  # the framing headers, noted here: cheaper than looked up
+            lower = name.lower()
+            if lower == b"content-length":
+                self._lengths.append(pair[1])
+            elif lower == b"transfer-encoding":
+                self._codings.append(pair[1])
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -802,7 +820,7 @@ class _Connection(Reading, asyncio.Protocol):
             raise UpstreamProtocolError("the ERP's answer head ends where the broker cannot tell")
         status = parser.get_status_code()
         headers = CIMultiDictProxy(CIMultiDict(self._headers))
-        framing = body_framing(self._method, status, headers)
+        framing = body_framing(self._method, status, self._lengths, self._codings)
         if status < 200:
             # 100 Continue, 103 Early Hints: the answer is still to come, with its own head.
             self._prefix = b""
@@ -824,7 +842,8 @@ class _Connection(Reading, asyncio.Protocol):
         )
         body = framing.body
         if body == 0:
-            self._complete()
+            # llhttp ends bodiless messages itself, but for HEAD it waits for the announced body.
+            self._complete(renew=self._method == "HEAD")
         elif body > 0:
             self.state = _LENGTH
         elif body == CHUNKED:
@@ -838,10 +857,10 @@ class _Connection(Reading, asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         response = self.response
-        if self.state == _CHUNKED and response is not None:
+        if (self.state == _CHUNKED or self.state == _SMALL) and response is not None:
             response._feed(body)
             self._wake()
 
     def on_message_complete(self) -> None:
-        if self.state == _CHUNKED:
-            self._complete()
+        if self.state == _CHUNKED or self.state == _SMALL:
+            self._complete(renew=False)
