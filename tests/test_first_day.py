@@ -159,8 +159,9 @@ class TestStatusExitCode:
             proc.signal(signal.SIGTERM)
             await proc.wait()
         assert result.returncode == 1, result.stdout
-        assert len(last_error) > 60
-        assert f"ifs: last error: {last_error}" in result.stdout.splitlines()
+        message = last_error["message"]
+        assert len(message) > 60
+        assert f"ifs: last error: [{last_error['cause']}] {message}" in result.stdout.splitlines()
         assert result.stdout.splitlines()[1].split()[-1] == "no"
         assert "not up: ifs" in result.stderr
         assert "wrong-password-1" not in result.stdout + result.stderr
