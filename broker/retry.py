@@ -16,6 +16,8 @@ AUTH = "auth"
 STALE_CONNECTION = "stale_connection"
 #: An ERP-specific transient error named by a connector's ``retry_on`` matchers.
 TRANSIENT = "transient"
+#: Every ``reason`` of ``erp_broker_retries_total``: each retry the send loop makes is one.
+RETRY_REASONS = (AUTH, RATE_LIMITED, GATEWAY_TIMEOUT, STALE_CONNECTION, TRANSIENT)
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:

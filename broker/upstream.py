@@ -20,6 +20,7 @@ from .http1 import Pool
 from .links import LinkRewriter
 from .matchers import ResponseRules
 from .metrics import ConnectorSeries, Metrics
+from .retry import RETRY_REASONS
 from .tokens import TokenManager, TokenPolicy
 from .types import Authenticator, Clock, Coordinator, TokenStore
 
@@ -77,7 +78,7 @@ class Connector:
         self.coordinator = coordinator
         self.metrics = metrics
         # Series exist from the start, so rate()/increase() see the first event too.
-        for reason in ("auth", "rate_limited", "gateway_timeout", "transient"):
+        for reason in RETRY_REASONS:
             metrics.retries.labels(name, reason)
         for reason in ("rate_limited", "gateway_timeout"):
             metrics.backoff_seconds.labels(name, reason)

@@ -74,7 +74,7 @@ class TestLiveMetrics:
         statuses = {s["status"] for s in found["erp_broker_requests_total"] if s["connector"] == "ifs"}
         assert statuses == {"200"}
         reasons = {s["reason"] for s in found["erp_broker_retries_total"]}
-        assert reasons == {"auth", "rate_limited", "gateway_timeout", "transient"}
+        assert reasons == {"auth", "rate_limited", "gateway_timeout", "stale_connection", "transient"}
         assert re.search(r'erp_broker_retries_total\{connector="ifs",reason="gateway_timeout"\} 1\.0', scraped)
         assert re.search(r'erp_broker_connector_up\{connector="ifs"\} 1\.0', scraped)
 

@@ -19,7 +19,7 @@ from ..config import IfsApps10Config
 from ..credential import Token, token_from_oauth
 from ..errors import TokenEndpointError
 from ..types import Clock
-from .oauth import REFRESH_GRANT, Hints, basic_auth, classify_oauth, post_form
+from .oauth import Hints, OAuthGrants, basic_auth, classify_oauth, post_form
 
 BASIC_GRANT = "basic"
 
@@ -54,7 +54,7 @@ def keycloak_hints(config: IfsApps10Config) -> Hints:
     )
 
 
-class IfsApps10Authenticator:
+class IfsApps10Authenticator(OAuthGrants):
     """Keycloak or native provider grants, or HTTP Basic; the credential on every call."""
 
     def __init__(
@@ -120,14 +120,6 @@ class IfsApps10Authenticator:
                 "password": config.password.get(),
                 "scope": config.scope,
             },
-        )
-
-    async def refresh(self, token: Token) -> Token:
-        assert token.refresh is not None
-        return await self._grant(
-            REFRESH_GRANT,
-            {"grant_type": REFRESH_GRANT, "refresh_token": token.refresh},
-            previous=token,
         )
 
     async def revoke(self, token: Token) -> None:

@@ -15,7 +15,7 @@ from ..config import InforIonConfig
 from ..credential import Token, token_from_oauth
 from ..errors import TokenEndpointError
 from ..types import Clock
-from .oauth import REFRESH_GRANT, Hints, classify_oauth, describe, post_form
+from .oauth import Hints, OAuthGrants, classify_oauth, describe, post_form
 
 HINTS = Hints(
     invalid_credentials=(
@@ -28,7 +28,7 @@ HINTS = Hints(
 )
 
 
-class InforIonAuthenticator:
+class InforIonAuthenticator(OAuthGrants):
     """Password grant with saak/sask, rotating refresh grant, revocation; Bearer on every call."""
 
     login_grant = "password"
@@ -67,14 +67,6 @@ class InforIonAuthenticator:
         return await self._grant(
             "password",
             {"grant_type": "password", "username": ion.saak.get(), "password": ion.sask.get()},
-        )
-
-    async def refresh(self, token: Token) -> Token:
-        assert token.refresh is not None
-        return await self._grant(
-            REFRESH_GRANT,
-            {"grant_type": REFRESH_GRANT, "refresh_token": token.refresh},
-            previous=token,
         )
 
     async def revoke(self, token: Token) -> None:

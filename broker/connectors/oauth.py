@@ -16,10 +16,29 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from ..credential import Token
 from ..errors import CredentialsRejected, RefreshRejected, TokenEndpointError
 from ..secrets import scrub
 
 REFRESH_GRANT = "refresh_token"
+
+
+class OAuthGrants:
+    """What every OAuth2 authenticator shares: the refresh_token grant, sent through the
+    authenticator's own ``_grant`` (its token endpoint, client authentication and errors)."""
+
+    async def _grant(
+        self, grant: str, form: dict[str, str], previous: Token | None = None
+    ) -> Token:
+        raise NotImplementedError
+
+    async def refresh(self, token: Token) -> Token:
+        assert token.refresh is not None
+        return await self._grant(
+            REFRESH_GRANT,
+            {"grant_type": REFRESH_GRANT, "refresh_token": token.refresh},
+            previous=token,
+        )
 
 
 def describe(body: Any) -> str:
