@@ -262,7 +262,6 @@ class Fleet:
             "rejected": sum(1 for r in during if r["status"] != 200),
         }
 
-
     def failover(self) -> dict[str, Any]:
         """Three replicas on Sentinel under load; SIGKILL the primary and time the recovery."""
         self.flush_redis("sentinel")

@@ -77,9 +77,7 @@ async def status(config: Config, fmt: str) -> int:
         print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
         return code
     now = time.time()
-    rows = [
-        ["CONNECTOR", "TYPE", "ROUTE", "UPSTREAM", "TOKEN", "EXPIRES", "LAST REFRESH", "UP"]
-    ]
+    rows = [["CONNECTOR", "TYPE", "ROUTE", "UPSTREAM", "TOKEN", "EXPIRES", "LAST REFRESH", "UP"]]
     rows[0].insert(-1, "CREDENTIALS EXPIRE")
     for name, info in data.items():
         rows.append(
@@ -126,9 +124,7 @@ def _unknown(config: Config, name: str, command: str) -> int:
     return EXIT_USAGE
 
 
-async def test_connection(
-    config: Config, name: str | None, fmt: str, verbose: bool = False
-) -> int:
+async def test_connection(config: Config, name: str | None, fmt: str, verbose: bool = False) -> int:
     """``erp-broker test-connection NAME|--all``: a fresh login and the ERP's check endpoint."""
     from .probe import probe
 

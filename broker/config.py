@@ -497,6 +497,8 @@ class ClientTimeouts(_Model):
     header: float = Field(default=60.0, gt=0, description="for a request's head, then 408")
     body: float = Field(default=60.0, gt=0, description="between two body pieces, then 408")
     write: float = Field(default=60.0, gt=0, description="for an app that reads nothing")
+
+
 #: What ``tracing`` needs installed: the ``otel`` extra.
 OTEL_MODULES = ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http.trace_exporter")
 
@@ -825,9 +827,7 @@ def config_warnings(config: Config) -> list[str]:
     return warnings
 
 
-def load_config(
-    path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None
-) -> Config:
+def load_config(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None) -> Config:
     """Read, resolve and validate the YAML config at ``path``."""
     source = str(path)
     try:

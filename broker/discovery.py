@@ -125,9 +125,7 @@ class ProjectionApi:
             "fetched_at": self.fetched_at,
             "cached": self.cached,
             "error": self.error,
-            "operations": [
-                {**op.to_json(), "url": self.url + op.path} for op in self.operations
-            ],
+            "operations": [{**op.to_json(), "url": self.url + op.path} for op in self.operations],
         }
 
 

@@ -423,9 +423,7 @@ class Proxy:
                         connector.metrics.backoff_seconds.labels(connector.name, reason).inc(wait)
                         await asyncio.sleep(wait)
                     continue
-            answer = await self._stream_back(
-                request, upstream, request_id, connector.links, data
-            )
+            answer = await self._stream_back(request, upstream, request_id, connector.links, data)
             return answer, status, attempts
 
     @staticmethod
@@ -503,9 +501,15 @@ class Proxy:
             headers.append(("Content-Length", str(length)))
         headers.append((REQUEST_ID, request_id))
         # The ERP's URLs in Location (and in JSON bodies) lead back through the broker.
-        body_links = links.answer(
-            request.headers.get("Host"), headers, has_body=answer_has_body(request.method, status)
-        ) if links is not None else None
+        body_links = (
+            links.answer(
+                request.headers.get("Host"),
+                headers,
+                has_body=answer_has_body(request.method, status),
+            )
+            if links is not None
+            else None
+        )
         if body_links is not None and body_links.compressed:
             length = None  # inflated as it streams, never whole in memory
         small = (

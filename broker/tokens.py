@@ -500,6 +500,7 @@ class TokenManager:
             f"logins are paused for {wait:.0f}s because the ERP rejected the configured "
             f"credentials ({cause}; {self._error_message()})"
         )
+
     async def _on_rejected(self, exc: CredentialsRejected) -> None:
         state: LoginState = await self._governor.rejected(exc.cause)
         self._record_error(exc)

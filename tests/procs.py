@@ -24,7 +24,9 @@ def free_port() -> int:
 class BrokerProcess:
     """`python -m broker run -c <file>` with JSON logs captured line by line."""
 
-    def __init__(self, config: dict[str, Any], workdir: Path, *, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config: dict[str, Any], workdir: Path, *, env: dict[str, str] | None = None
+    ) -> None:
         self.config_path = workdir / "broker.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.workdir = workdir
@@ -42,9 +44,18 @@ class BrokerProcess:
 
     async def start(self, *, timeout: float = 15.0) -> BrokerProcess:
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "broker", "run", "-c", str(self.config_path), "--log-format", "json",
-            cwd=self.workdir, env=self.env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "broker",
+            "run",
+            "-c",
+            str(self.config_path),
+            "--log-format",
+            "json",
+            cwd=self.workdir,
+            env=self.env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         self._reader = asyncio.create_task(self._read())
         assert self.process.stderr is not None
@@ -52,11 +63,15 @@ class BrokerProcess:
         try:
             async with asyncio.timeout(timeout):
                 waiter = asyncio.create_task(self._started.wait())
-                done, _ = await asyncio.wait({waiter, self._reader}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {waiter, self._reader}, return_when=asyncio.FIRST_COMPLETED
+                )
                 if waiter not in done:
                     waiter.cancel()
                     await self.wait()
-                    raise RuntimeError(f"broker exited before listening: {self.stderr}\n{self.lines}")
+                    raise RuntimeError(
+                        f"broker exited before listening: {self.stderr}\n{self.lines}"
+                    )
         except TimeoutError:
             await self.kill()
             raise

@@ -73,20 +73,31 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> RedisServer:
         args = [
             self.binary,
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", str(self.workdir),
-            "--protected-mode", "no",
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
+            "--protected-mode",
+            "no",
         ]
         if self.tls:
             args += [
-                "--port", "0",
-                "--tls-port", str(self.port),
-                "--tls-cert-file", self.tls.cert_file,
-                "--tls-key-file", self.tls.key_file,
-                "--tls-ca-cert-file", self.tls.ca_file,
-                "--tls-auth-clients", "no",
+                "--port",
+                "0",
+                "--tls-port",
+                str(self.port),
+                "--tls-cert-file",
+                self.tls.cert_file,
+                "--tls-key-file",
+                self.tls.key_file,
+                "--tls-ca-cert-file",
+                self.tls.ca_file,
+                "--tls-auth-clients",
+                "no",
             ]
         else:
             args += ["--port", str(self.port)]
@@ -94,7 +105,9 @@ class RedisServer:
             args += ["--requirepass", self.password]
         args += list(self.extra)
         log = open(self.workdir / f"redis-{self.port}.log", "ab")
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+        self.process = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while not self._answers():
@@ -102,7 +115,9 @@ class RedisServer:
                 raise RuntimeError(f"redis-server exited: {self.log_text()}")
             if time.monotonic() > deadline:
                 self.kill()
-                raise RuntimeError(f"redis-server did not answer within {timeout}s: {self.log_text()}")
+                raise RuntimeError(
+                    f"redis-server did not answer within {timeout}s: {self.log_text()}"
+                )
             time.sleep(0.02)
         return self
 
@@ -212,7 +227,10 @@ class SentinelProcess(RedisServer):
                     f"sentinel failover-timeout {SERVICE} 2000",
                     f"sentinel parallel-syncs {SERVICE} 1",
                     *(
-                        [f"requirepass {self.password}", f"sentinel auth-pass {SERVICE} {self.password}"]
+                        [
+                            f"requirepass {self.password}",
+                            f"sentinel auth-pass {SERVICE} {self.password}",
+                        ]
                         if self.password
                         else []
                     ),
@@ -253,7 +271,10 @@ class SentinelGroup:
         try:
             self.primary.start()
             self.replica.extra = (
-                *self.primary.extra, "--replicaof", "127.0.0.1", str(self.primary.port)
+                *self.primary.extra,
+                "--replicaof",
+                "127.0.0.1",
+                str(self.primary.port),
             )
             self.replica.start()
             self.sentinels = [
@@ -262,7 +283,9 @@ class SentinelGroup:
             for sentinel in self.sentinels:
                 sentinel.start()
             _bounded(self._replica_in_sync, timeout, "the replica is in sync")
-            _bounded(self._sentinels_agree, timeout, "the sentinels know each other and the replica")
+            _bounded(
+                self._sentinels_agree, timeout, "the sentinels know each other and the replica"
+            )
         except BaseException:
             self.kill()
             raise
@@ -284,7 +307,11 @@ class SentinelGroup:
         """The primary's port as the sentinels report it (the first that answers)."""
         for sentinel in self.sentinels:
             answer = _asks(
-                sentinel.port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE, password=self.password
+                sentinel.port,
+                "SENTINEL",
+                "GET-MASTER-ADDR-BY-NAME",
+                SERVICE,
+                password=self.password,
             )
             if answer:
                 return int(answer[1])
@@ -316,10 +343,14 @@ class ClusterGroup:
         self.bus_ports = [free_port() for _ in self.nodes]
         for node, bus in zip(self.nodes, self.bus_ports, strict=True):
             node.extra = (
-                "--cluster-enabled", "yes",
-                "--cluster-config-file", str(workdir / f"nodes-{node.port}.conf"),
-                "--cluster-node-timeout", "2000",
-                "--cluster-port", str(bus),
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(workdir / f"nodes-{node.port}.conf"),
+                "--cluster-node-timeout",
+                "2000",
+                "--cluster-port",
+                str(bus),
             )
 
     @property
@@ -347,9 +378,7 @@ class ClusterGroup:
     def _ok(self) -> bool:
         for node in self.nodes:
             raw = _asks(node.port, "CLUSTER", "INFO")
-            info = dict(
-                line.split(":", 1) for line in (raw or b"").decode().split() if ":" in line
-            )
+            info = dict(line.split(":", 1) for line in (raw or b"").decode().split() if ":" in line)
             if not info or info.get("cluster_state") != "ok":
                 return False
             if int(info.get("cluster_known_nodes", 0)) != len(self.nodes):

@@ -15,7 +15,11 @@ from .conftest import BrokerFactory, SimStarter, ifs_connector, metric
 
 class TestColdStart:
     async def test_200_concurrent_requests_one_token_request(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """A burst at a cold start waits for one login; every request succeeds."""
         ifs_sim.token_delay = 0.3
@@ -29,19 +33,37 @@ class TestColdStart:
         statuses = await asyncio.gather(*(one(i) for i in range(200)))
         assert statuses == [200] * 200
         assert ifs_sim.count_token_requests() == 1
-        assert metric(server, "erp_broker_token_requests_total", connector="ifs", grant="password", outcome="success") == 1
-        assert metric(server, "erp_broker_requests_total", connector="ifs", method="GET", status="200") == 200
+        assert (
+            metric(
+                server,
+                "erp_broker_token_requests_total",
+                connector="ifs",
+                grant="password",
+                outcome="success",
+            )
+            == 1
+        )
+        assert (
+            metric(server, "erp_broker_requests_total", connector="ifs", method="GET", status="200")
+            == 200
+        )
 
 
 class TestRejectedCredential:
     async def test_401_refreshes_once_and_replays_the_post(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """One 401: one refresh, and the POST is replayed with an identical body and the new token."""
         server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file)})
         async with http.get(f"{server.proxy_url}/ifs/_test/echo/warm") as resp:
             assert resp.status == 200
-        ifs_sim.queue_api_response(401, body={"error": {"code": "ODP_UNAUTHORIZED", "message": "expired"}})
+        ifs_sim.queue_api_response(
+            401, body={"error": {"code": "ODP_UNAUTHORIZED", "message": "expired"}}
+        )
         payload = b'{"CustomerId": "10/7", "Name": "a b"}' * 100
         async with http.post(f"{server.proxy_url}/ifs/_test/echo/post", data=payload) as resp:
             assert resp.status == 200
@@ -55,7 +77,11 @@ class TestRejectedCredential:
         assert metric(server, "erp_broker_retries_total", connector="ifs", reason="auth") == 1
 
     async def test_burst_of_401s_causes_one_refresh(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """All tokens revoked under load: 30 concurrent 401s lead to exactly one refresh."""
         server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file)})
@@ -72,12 +98,20 @@ class TestRejectedCredential:
         assert ifs_sim.count_token_requests() == 2  # the login and one refresh
 
     async def test_second_401_goes_back_as_it_came(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """If the replay is refused too, the ERP's 401 goes to the app unchanged."""
         server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file)})
-        ifs_sim.queue_api_response(401, headers={"WWW-Authenticate": "Bearer"}, body=b"first", count=1)
-        ifs_sim.queue_api_response(401, headers={"WWW-Authenticate": "Bearer"}, body=b"second", count=1)
+        ifs_sim.queue_api_response(
+            401, headers={"WWW-Authenticate": "Bearer"}, body=b"first", count=1
+        )
+        ifs_sim.queue_api_response(
+            401, headers={"WWW-Authenticate": "Bearer"}, body=b"second", count=1
+        )
         async with http.get(f"{server.proxy_url}/ifs/_test/echo/x") as resp:
             assert resp.status == 401
             assert await resp.read() == b"second"
@@ -86,7 +120,11 @@ class TestRejectedCredential:
         assert len(ifs_sim.api_requests) == 2
 
     async def test_body_over_the_replay_limit_is_not_replayed(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """A body larger than replay_max_bytes streams once; its 401 goes back to the app."""
         server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file, replay_max_bytes=1024)})
@@ -96,17 +134,27 @@ class TestRejectedCredential:
         assert len(ifs_sim.api_requests) == 1
 
     async def test_extra_rejection_status(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """A status listed in auth_failure_statuses is treated like a 401."""
-        server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file, auth_failure_statuses=[419])})
+        server = await make_broker(
+            {"ifs": ifs_connector(ifs_sim, ca_file, auth_failure_statuses=[419])}
+        )
         ifs_sim.queue_api_response(419, body=b"session gone")
         async with http.get(f"{server.proxy_url}/ifs/_test/echo/x") as resp:
             assert resp.status == 200
         assert ifs_sim.count_token_requests("refresh_token") == 1
 
     async def test_dead_refresh_token_falls_back_to_password(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """Refresh answered 400 invalid_grant: a password login follows, the request succeeds."""
         server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file)})
@@ -123,7 +171,11 @@ class TestRejectedCredential:
 
 class TestWrongCredentials:
     async def test_auth_failed_then_connector_unavailable(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """Wrong password: auth_failed, then connector_unavailable; one login attempt; not ready."""
         conn = ifs_connector(ifs_sim, ca_file, password="wrong-password")
@@ -147,13 +199,21 @@ class TestWrongCredentials:
 
 class TestRefreshAhead:
     async def test_token_is_refreshed_before_expiry_without_requests(
-        self, start_sim: SimStarter[IfsApps10Sim], ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self,
+        start_sim: SimStarter[IfsApps10Sim],
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """With 2 s tokens, the broker refreshes in the background; requests never see expiry."""
         sim = await start_sim(IfsApps10Sim(token_lifetime=2))
         server = await make_broker({"ifs": ifs_connector(sim, ca_file)})
         await sim.wait_for_token_requests(3, timeout=6)
-        assert [r.grant for r in sim.token_requests[:3]] == ["password", "refresh_token", "refresh_token"]
+        assert [r.grant for r in sim.token_requests[:3]] == [
+            "password",
+            "refresh_token",
+            "refresh_token",
+        ]
         async with http.get(f"{server.proxy_url}/ifs/_test/echo/x") as resp:
             assert resp.status == 200
         assert metric(server, "erp_broker_token_expiry_timestamp_seconds", connector="ifs") > 0
@@ -161,7 +221,11 @@ class TestRefreshAhead:
 
 class TestPersistence:
     async def test_restart_on_the_same_file_needs_no_login(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """A second broker on the same SQLite file uses the stored token: no new token request."""
         conn = ifs_connector(ifs_sim, ca_file)
@@ -175,7 +239,11 @@ class TestPersistence:
         assert ifs_sim.count_token_requests() == 1
 
     async def test_rotated_password_does_not_reuse_old_tokens(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """Tokens are keyed by the credentials' content: a new password logs in afresh."""
         first = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file)})
@@ -191,7 +259,11 @@ class TestPersistence:
 
 class TestAdmin:
     async def test_health_ready_connectors_metrics(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """The admin endpoints answer, and none shows a secret or token."""
         server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file)})
@@ -211,7 +283,11 @@ class TestAdmin:
         assert '"token_state": "valid"' in texts[2]
 
     async def test_admin_refresh(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """POST /connectors/<name>/refresh makes one token request."""
         server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file)})
@@ -223,7 +299,11 @@ class TestAdmin:
             assert resp.status == 404
 
     async def test_listeners_are_separate(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """/metrics is not on the proxy port, and routes are not on the admin port."""
         server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file)})
@@ -236,7 +316,11 @@ class TestAdmin:
 
 @pytest.mark.parametrize("status", [500, 503])
 async def test_token_endpoint_down_keeps_valid_token(
-    status: int, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+    status: int,
+    ifs_sim: IfsApps10Sim,
+    ca_file: str,
+    make_broker: BrokerFactory,
+    http: aiohttp.ClientSession,
 ) -> None:
     """While the token is valid, a failing token endpoint does not affect requests."""
     server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file)})

@@ -20,10 +20,16 @@ from .conftest import ifs_connector
 from .procs import BrokerProcess
 
 
-def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "broker", *args],
-        capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})}, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=60,
     )
 
 
@@ -42,10 +48,23 @@ class TestCheck:
         """check exits 0 and prints the effective config with secrets masked."""
         (tmp_path / "pw").write_text("file-password-value\n")
         path = tmp_path / "b.yaml"
-        path.write_text(yaml.safe_dump({"connectors": {"ifs": {
-            "type": "ifs_apps10", "domain": "erp.example.com", "realm": "r", "client_id": "c",
-            "client_secret": "${IFS_SECRET}", "username": "u", "password": f"${{file:{tmp_path / 'pw'}}}",
-        }}}))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "connectors": {
+                        "ifs": {
+                            "type": "ifs_apps10",
+                            "domain": "erp.example.com",
+                            "realm": "r",
+                            "client_id": "c",
+                            "client_secret": "${IFS_SECRET}",
+                            "username": "u",
+                            "password": f"${{file:{tmp_path / 'pw'}}}",
+                        }
+                    }
+                }
+            )
+        )
         result = cli("check", "-c", str(path), env={"IFS_SECRET": "env-secret-value"})
         assert result.returncode == 0, result.stderr
         assert "file-password-value" not in result.stdout + result.stderr
@@ -58,10 +77,24 @@ class TestCheck:
     def test_bad_config_exits_2_with_key_paths(self, tmp_path: Path) -> None:
         """check exits 2 with one line per problem, each naming file and key path."""
         path = tmp_path / "b.yaml"
-        path.write_text(yaml.safe_dump({"connectors": {"ifs": {
-            "type": "ifs_apps10", "domain": "https://erp.example.com/", "realm": "r", "client_id": "c",
-            "client_secret": "${NOT_SET_ANYWHERE}", "username": "u", "password": "p", "extra": 1,
-        }}}))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "connectors": {
+                        "ifs": {
+                            "type": "ifs_apps10",
+                            "domain": "https://erp.example.com/",
+                            "realm": "r",
+                            "client_id": "c",
+                            "client_secret": "${NOT_SET_ANYWHERE}",
+                            "username": "u",
+                            "password": "p",
+                            "extra": 1,
+                        }
+                    }
+                }
+            )
+        )
         result = cli("check", "-c", str(path))
         assert result.returncode == 2
         lines = result.stderr.strip().splitlines()
@@ -87,7 +120,9 @@ class TestCheck:
             (secrets / rel).write_text("value-x\n")
         ionapi = secrets / "infor" / "prod.ionapi"
         ionapi.parent.mkdir(parents=True, exist_ok=True)
-        ionapi.write_text('{"ti":"T","ci":"c","cs":"s","iu":"https://gw","pu":"https://sso/T/as/","ot":"token.oauth2","or":"revoke_token.oauth2","saak":"a","sask":"b"}')
+        ionapi.write_text(
+            '{"ti":"T","ci":"c","cs":"s","iu":"https://gw","pu":"https://sso/T/as/","ot":"token.oauth2","or":"revoke_token.oauth2","saak":"a","sask":"b"}'
+        )
         path = tmp_path / "b.yaml"
         path.write_text(text.replace("/secrets/", f"{secrets}/"))
         result = cli("check", "-c", str(path), env={"IFS_CLIENT_ID": "cid", "IFS_USER": "user"})
@@ -103,7 +138,9 @@ class TestRun:
         assert result.returncode == 2
         assert "connectors" in result.stderr
 
-    async def test_unopenable_store_is_a_startup_error(self, tmp_path: Path, ifs_sim: IfsApps10Sim, ca_file: str) -> None:
+    async def test_unopenable_store_is_a_startup_error(
+        self, tmp_path: Path, ifs_sim: IfsApps10Sim, ca_file: str
+    ) -> None:
         """A store path that cannot be created: exit 2 with a message naming the store."""
         (tmp_path / "file").write_text("x")
         config = base_config(tmp_path, {"ifs": ifs_connector(ifs_sim, ca_file)})
@@ -114,9 +151,13 @@ class TestRun:
         assert result.returncode == 2
         assert "cannot open the token store" in result.stderr
 
-    async def test_sigterm_finishes_inflight_requests(self, tmp_path: Path, ifs_sim: IfsApps10Sim, ca_file: str) -> None:
+    async def test_sigterm_finishes_inflight_requests(
+        self, tmp_path: Path, ifs_sim: IfsApps10Sim, ca_file: str
+    ) -> None:
         """SIGTERM: readiness fails, the in-flight request completes, the process exits 0."""
-        proc = await BrokerProcess(base_config(tmp_path, {"ifs": ifs_connector(ifs_sim, ca_file)}), tmp_path).start()
+        proc = await BrokerProcess(
+            base_config(tmp_path, {"ifs": ifs_connector(ifs_sim, ca_file)}), tmp_path
+        ).start()
         try:
             async with aiohttp.ClientSession() as http:
                 slow = asyncio.create_task(http.get(f"{proc.proxy_url}/ifs/_test/slow/1"))
@@ -133,23 +174,38 @@ class TestRun:
         events = [e["event"] for e in proc.events]
         assert events.index("draining") < events.index("broker_stopped")
 
-    async def test_quitquitquit_stops_the_broker(self, tmp_path: Path, ifs_sim: IfsApps10Sim, ca_file: str) -> None:
+    async def test_quitquitquit_stops_the_broker(
+        self, tmp_path: Path, ifs_sim: IfsApps10Sim, ca_file: str
+    ) -> None:
         """POST /quitquitquit on the admin listener shuts down gracefully (for Jobs)."""
-        proc = await BrokerProcess(base_config(tmp_path, {"ifs": ifs_connector(ifs_sim, ca_file)}), tmp_path).start()
+        proc = await BrokerProcess(
+            base_config(tmp_path, {"ifs": ifs_connector(ifs_sim, ca_file)}), tmp_path
+        ).start()
         try:
-            async with aiohttp.ClientSession() as http, http.post(f"{proc.admin_url}/quitquitquit") as resp:
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(f"{proc.admin_url}/quitquitquit") as resp,
+            ):
                 assert resp.status == 200
             assert await proc.wait() == 0
         finally:
             await proc.kill()
 
-    async def test_request_log_lines(self, tmp_path: Path, ifs_sim: IfsApps10Sim, ca_file: str) -> None:
+    async def test_request_log_lines(
+        self, tmp_path: Path, ifs_sim: IfsApps10Sim, ca_file: str
+    ) -> None:
         """One JSON line per proxied request with connector, method, status, duration, attempts."""
-        proc = await BrokerProcess(base_config(tmp_path, {"ifs": ifs_connector(ifs_sim, ca_file)}), tmp_path).start()
+        proc = await BrokerProcess(
+            base_config(tmp_path, {"ifs": ifs_connector(ifs_sim, ca_file)}), tmp_path
+        ).start()
         try:
             async with aiohttp.ClientSession() as http:
                 ifs_sim.queue_api_response(401)
-                async with http.post(f"{proc.proxy_url}/ifs/_test/echo/x", data=b"{}", headers={"X-Request-ID": "abc-1"}) as resp:
+                async with http.post(
+                    f"{proc.proxy_url}/ifs/_test/echo/x",
+                    data=b"{}",
+                    headers={"X-Request-ID": "abc-1"},
+                ) as resp:
                     assert resp.status == 200
             proc.signal(signal.SIGTERM)
             await proc.wait()
@@ -158,13 +214,21 @@ class TestRun:
         requests = [e for e in proc.events if e.get("event") == "request"]
         assert len(requests) == 1
         line = requests[0]
-        assert (line["connector"], line["method"], line["status"], line["attempts"], line["request_id"]) == ("ifs", "POST", 200, 2, "abc-1")
+        assert (
+            line["connector"],
+            line["method"],
+            line["status"],
+            line["attempts"],
+            line["request_id"],
+        ) == ("ifs", "POST", 200, 2, "abc-1")
         assert line["duration_ms"] > 0 and line["level"] == "info" and "timestamp" in line
         assert any(e.get("event") == "token_obtained" for e in proc.events)
 
 
 class TestStatus:
-    async def test_table_from_a_running_broker(self, tmp_path: Path, ifs_sim: IfsApps10Sim, ca_file: str) -> None:
+    async def test_table_from_a_running_broker(
+        self, tmp_path: Path, ifs_sim: IfsApps10Sim, ca_file: str
+    ) -> None:
         """status prints one row per connector with its token state, read from admin_listen."""
         from .procs import free_port
 
@@ -188,9 +252,24 @@ class TestStatus:
 
         port = free_port()
         path = tmp_path / "b.yaml"
-        path.write_text(yaml.safe_dump({"admin_listen": f"127.0.0.1:{port}", "connectors": {"ifs": {
-            "type": "ifs_apps10", "domain": "erp.example.com", "realm": "r", "client_id": "c",
-            "client_secret": "s", "username": "u", "password": "p"}}}))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "admin_listen": f"127.0.0.1:{port}",
+                    "connectors": {
+                        "ifs": {
+                            "type": "ifs_apps10",
+                            "domain": "erp.example.com",
+                            "realm": "r",
+                            "client_id": "c",
+                            "client_secret": "s",
+                            "username": "u",
+                            "password": "p",
+                        }
+                    },
+                }
+            )
+        )
         result = cli("status", "-c", str(path))
         assert result.returncode == 1
         assert f"127.0.0.1:{port}" in result.stderr

@@ -40,7 +40,10 @@ class TestKillNine:
         sim.expire_all_tokens()  # the stored access token is dead: a refresh is needed
         second = await BrokerProcess(config, tmp_path).start()
         try:
-            async with aiohttp.ClientSession() as http, http.get(f"{second.proxy_url}/ifs/_test/echo/x") as resp:
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"{second.proxy_url}/ifs/_test/echo/x") as resp,
+            ):
                 assert resp.status == 200
         finally:
             second.signal(signal.SIGTERM)

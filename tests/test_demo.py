@@ -53,7 +53,11 @@ class TestDemo:
             output = "\n".join(lines)
             commands = curl_commands(output)
             assert len(commands) == output.count("curl -s") >= 10
-            routes = {URL(url).path.split("/")[1] for _, url, _ in commands if f":{listen.split(':')[1]}/" in url}
+            routes = {
+                URL(url).path.split("/")[1]
+                for _, url, _ in commands
+                if f":{listen.split(':')[1]}/" in url
+            }
             assert routes == {"ifs", "pso", "infor"}
             assert any(admin in url for _, url, _ in commands)
             async with aiohttp.ClientSession() as http:
@@ -80,8 +84,13 @@ class TestDemo:
 async def start_demo(*args: str) -> tuple[asyncio.subprocess.Process, list[str]]:
     """`erp-broker demo ARGS`, read until it is ready; (process, printed lines)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "broker", "demo", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "broker",
+        "demo",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None and proc.stderr is not None
     lines: list[str] = []
@@ -152,7 +161,12 @@ class TestDemoAsAStartingPoint:
             assert "127.0.0.1:8080" not in output and "127.0.0.1:9090" not in output
             commands = [line for line in lines if line.startswith("erp-broker ") and " -c " in line]
             words = [shlex.split(c)[1:3] for c in commands]
-            for wanted in (["status", "-c"], ["test-connection", "--all"], ["discover", "ifs"], ["check", "-c"]):
+            for wanted in (
+                ["status", "-c"],
+                ["test-connection", "--all"],
+                ["discover", "ifs"],
+                ["check", "-c"],
+            ):
                 assert wanted in words, (wanted, commands)
             config_file = Path(shlex.split(commands[0])[-1])
             assert f"config is {config_file}" in output and config_file.is_file()
@@ -169,7 +183,13 @@ class TestDemoAsAStartingPoint:
                     assert out.splitlines()[0].split()[-1] == "UP"
                     assert [row.split()[-1] for row in out.splitlines()[1:4]] == ["yes"] * 3
                 from broker.sandbox import IfsApps10Sim, InforIonSim, PsoSim
-                for secret in (IfsApps10Sim().client_secret, IfsApps10Sim().password, PsoSim().password, InforIonSim().sask):
+
+                for secret in (
+                    IfsApps10Sim().client_secret,
+                    IfsApps10Sim().password,
+                    PsoSim().password,
+                    InforIonSim().sask,
+                ):
                     assert secret not in out + err, line
             # The admin curl lines point at the port really used.
             admin = next(line.split()[1] for line in lines if line.startswith("admin "))
@@ -184,9 +204,16 @@ class TestDemoAsAStartingPoint:
             sock.listen()
             port = sock.getsockname()[1]
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "broker", "demo", "--listen", f"127.0.0.1:{port}",
-                "--admin-listen", f"127.0.0.1:{free_port()}",
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                sys.executable,
+                "-m",
+                "broker",
+                "demo",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--admin-listen",
+                f"127.0.0.1:{free_port()}",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
             )
             async with asyncio.timeout(30):
                 out, err = await proc.communicate()
@@ -199,7 +226,9 @@ class TestDemoAsAStartingPoint:
         """`demo -c FILE` is not silently ignored."""
         result = subprocess.run(
             [sys.executable, "-m", "broker", "demo", "-c", "x.yaml"],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert result.returncode == 2
         assert result.stderr.strip().splitlines() == [

@@ -25,8 +25,12 @@ LISTING = {"value": [{"Name": p.name, "Description": p.description} for p in PRO
 
 async def cli(*args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "broker", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "broker",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode is not None
@@ -74,9 +78,14 @@ class TestCommandLine:
         """discover --format json lists every projection's operations; a second run reads the store's
         cache (no $openapi request)."""
         path = tmp_path / "broker.yaml"
-        path.write_text(yaml.safe_dump({
-            "store": {"sqlite": str(tmp_path / "t.db")}, "connectors": {"ifs": ifs_connector(ifs_sim, ca_file)},
-        }))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "store": {"sqlite": str(tmp_path / "t.db")},
+                    "connectors": {"ifs": ifs_connector(ifs_sim, ca_file)},
+                }
+            )
+        )
         code, out, err = await cli("discover", "-c", str(path), "ifs", "--format", "json")
         assert code == 0, err
         first = orjson.loads(out)
@@ -84,8 +93,12 @@ class TestCommandLine:
         assert first["operation_count"] == 15 and first["failed"] == 0
         customer = first["projections"][0]
         # what an app developer pastes: the broker's URLs (the default listen address here)
-        assert customer["operations"] == expected_operations("CustomerHandling", "http://127.0.0.1:8080")
-        assert customer["proxy_path"] == "/ifs/main/ifsapplications/projection/v1/CustomerHandling.svc"
+        assert customer["operations"] == expected_operations(
+            "CustomerHandling", "http://127.0.0.1:8080"
+        )
+        assert (
+            customer["proxy_path"] == "/ifs/main/ifsapplications/projection/v1/CustomerHandling.svc"
+        )
         assert customer["url"] == "http://127.0.0.1:8080" + customer["proxy_path"]
         assert first["broker"] == "http://127.0.0.1:8080"
         assert ifs_sim.url not in orjson.dumps(customer["operations"]).decode()
@@ -96,14 +109,25 @@ class TestCommandLine:
         assert code == 0, err
         second = orjson.loads(out)
         assert all(p["cached"] for p in second["projections"])
-        assert [p["operations"] for p in second["projections"]] == [p["operations"] for p in first["projections"]]
+        assert [p["operations"] for p in second["projections"]] == [
+            p["operations"] for p in first["projections"]
+        ]
         assert len(openapi_calls(ifs_sim)) == 3
 
     async def test_refresh_fetches_again(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
     ) -> None:
         """--refresh ignores the cache, fetches every document again and stores it anew."""
-        config = parse_config({"store": {"sqlite": str(tmp_path / "t.db")}, "connectors": {"ifs": ifs_connector(ifs_sim, ca_file)}})
+        config = parse_config(
+            {
+                "store": {"sqlite": str(tmp_path / "t.db")},
+                "connectors": {"ifs": ifs_connector(ifs_sim, ca_file)},
+            }
+        )
 
         async def run(refresh: bool) -> list[bool]:
             assert await commands.discover(config, "ifs", None, "json", refresh) == 0
@@ -116,34 +140,58 @@ class TestCommandLine:
         assert len(openapi_calls(ifs_sim)) == 6
 
     async def test_table_for_one_projection(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
     ) -> None:
         """--projection P prints P's operations as a table: method, URL through the broker,
         summary."""
-        config = parse_config({"store": {"sqlite": str(tmp_path / "t.db")}, "connectors": {"ifs": ifs_connector(ifs_sim, ca_file)}})
+        config = parse_config(
+            {
+                "store": {"sqlite": str(tmp_path / "t.db")},
+                "connectors": {"ifs": ifs_connector(ifs_sim, ca_file)},
+            }
+        )
         code = await commands.discover(config, "ifs", "WorkOrderHandling", "table", False)
         out = capsys.readouterr().out
         assert code == 0
         lines = out.splitlines()
         assert lines[0] == "WorkOrderHandling - Separate work orders: prepare, release and report"
-        service = "http://127.0.0.1:8080/ifs/main/ifsapplications/projection/v1/WorkOrderHandling.svc"
+        service = (
+            "http://127.0.0.1:8080/ifs/main/ifsapplications/projection/v1/WorkOrderHandling.svc"
+        )
         assert lines[1] == f"  {service}"
         assert lines[2].split() == ["METHOD", "URL", "SUMMARY"]
-        assert lines[3].split(maxsplit=2) == ["GET", f"{service}/ActiveSeparateSet", "Get entities from ActiveSeparateSet"]
+        assert lines[3].split(maxsplit=2) == [
+            "GET",
+            f"{service}/ActiveSeparateSet",
+            "Get entities from ActiveSeparateSet",
+        ]
         assert lines[-1] == "ifs: 1 projection, 5 operations (0 from cache)"
-        assert openapi_calls(ifs_sim) == ["/main/ifsapplications/projection/v1/WorkOrderHandling.svc/$openapi"]
+        assert openapi_calls(ifs_sim) == [
+            "/main/ifsapplications/projection/v1/WorkOrderHandling.svc/$openapi"
+        ]
 
     async def test_usage_errors(
-        self, ifs_sim: IfsApps10Sim, pso_sim: PsoSim, ca_file: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+        self,
+        ifs_sim: IfsApps10Sim,
+        pso_sim: PsoSim,
+        ca_file: str,
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
     ) -> None:
         """Exit 2 for an unknown connector or one that is not ifs_apps10; 1 when the login fails."""
-        config = parse_config({
-            "store": {"sqlite": str(tmp_path / "t.db")},
-            "connectors": {
-                "ifs": ifs_connector(ifs_sim, ca_file, password="wrong-password"),
-                "pso": pso_connector(pso_sim, ca_file),
-            },
-        })
+        config = parse_config(
+            {
+                "store": {"sqlite": str(tmp_path / "t.db")},
+                "connectors": {
+                    "ifs": ifs_connector(ifs_sim, ca_file, password="wrong-password"),
+                    "pso": pso_connector(pso_sim, ca_file),
+                },
+            }
+        )
         assert await commands.discover(config, "nope", None, "table", False) == 2
         assert await commands.discover(config, "pso", None, "table", False) == 2
         assert await commands.discover(config, "ifs", None, "table", False) == 1
@@ -154,7 +202,11 @@ class TestCommandLine:
 
 class TestAdminApi:
     async def test_listing_cached_in_the_store(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """GET /connectors/ifs/openapi uses the broker's credential; documents are cached in its store."""
         server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file)})
@@ -167,7 +219,9 @@ class TestAdminApi:
         assert server.broker.store is not None
         assert await server.broker.store.get_blob("openapi:ifs:CustomerHandling") is not None
 
-        async with http.get(f"{server.admin_url}/connectors/ifs/openapi?projection=CustomerHandling") as resp:
+        async with http.get(
+            f"{server.admin_url}/connectors/ifs/openapi?projection=CustomerHandling"
+        ) as resp:
             assert resp.status == 200
             body = await resp.json()
         [only] = body["projections"]
@@ -180,7 +234,11 @@ class TestAdminApi:
         assert len(openapi_calls(ifs_sim)) == 6
 
     async def test_expired_token_is_refreshed_and_replayed(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """A 401 during discovery goes through the token manager: one refresh, then the call again."""
         server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file)})
@@ -192,7 +250,11 @@ class TestAdminApi:
         assert ifs_sim.count_token_requests("refresh_token") == 1
 
     async def test_one_failing_projection_does_not_fail_the_listing(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """A listed projection whose $openapi fails carries its error; the others are listed."""
         server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file)})
@@ -203,13 +265,23 @@ class TestAdminApi:
             body = await resp.json()
         by_name = {p["name"]: p for p in body["projections"]}
         assert body["failed"] == 1 and len(by_name) == 4
-        assert "404" in by_name["Missing"]["error"] and "ODP_NOT_FOUND" in by_name["Missing"]["error"]
-        assert all(p["error"] is None and p["operations"] for n, p in by_name.items() if n != "Missing")
-        async with http.get(f"{server.admin_url}/connectors/ifs/openapi?projection=Missing") as resp:
+        assert (
+            "404" in by_name["Missing"]["error"] and "ODP_NOT_FOUND" in by_name["Missing"]["error"]
+        )
+        assert all(
+            p["error"] is None and p["operations"] for n, p in by_name.items() if n != "Missing"
+        )
+        async with http.get(
+            f"{server.admin_url}/connectors/ifs/openapi?projection=Missing"
+        ) as resp:
             assert resp.status == 502
 
     async def test_concurrency_is_bounded(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """Eight projections, slow documents: at most four $openapi requests at a time."""
         server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file)})
@@ -226,11 +298,17 @@ class TestAdminApi:
         assert arrivals[3] - arrivals[0] < 0.15 <= arrivals[4] - arrivals[0]
 
     async def test_not_for_other_connector_types(
-        self, ifs_sim: IfsApps10Sim, pso_sim: PsoSim, ca_file: str, make_broker: BrokerFactory,
+        self,
+        ifs_sim: IfsApps10Sim,
+        pso_sim: PsoSim,
+        ca_file: str,
+        make_broker: BrokerFactory,
         http: aiohttp.ClientSession,
     ) -> None:
         """A PSO connector or an unknown name: 404 with a broker error body."""
-        server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file), "pso": pso_connector(pso_sim, ca_file)})
+        server = await make_broker(
+            {"ifs": ifs_connector(ifs_sim, ca_file), "pso": pso_connector(pso_sim, ca_file)}
+        )
         for name in ("pso", "nope"):
             async with http.get(f"{server.admin_url}/connectors/{name}/openapi") as resp:
                 assert resp.status == 404 and resp.headers["X-Broker-Error"] == "no_route"

@@ -29,7 +29,9 @@ async def broker(ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory
 
 
 class TestRateLimited:
-    async def test_retry_after_seconds_is_honoured(self, broker: BrokerServer, ifs_sim: IfsApps10Sim, http: aiohttp.ClientSession) -> None:
+    async def test_retry_after_seconds_is_honoured(
+        self, broker: BrokerServer, ifs_sim: IfsApps10Sim, http: aiohttp.ClientSession
+    ) -> None:
         """429 with Retry-After: 1 → the retry reaches the ERP no sooner than 1 s later."""
         ifs_sim.queue_api_response(429, headers={"Retry-After": "1"})
         async with http.post(f"{broker.proxy_url}/ifs/_test/echo/x", data=b"p") as resp:
@@ -37,9 +39,13 @@ class TestRateLimited:
         first, second = ifs_sim.api_requests
         assert second.time - first.time >= 0.95
         assert first.body == second.body == b"p"  # 429: retried for every method
-        assert metric(broker, "erp_broker_retries_total", connector="ifs", reason="rate_limited") == 1
+        assert (
+            metric(broker, "erp_broker_retries_total", connector="ifs", reason="rate_limited") == 1
+        )
 
-    async def test_retry_after_http_date_is_honoured(self, broker: BrokerServer, ifs_sim: IfsApps10Sim, http: aiohttp.ClientSession) -> None:
+    async def test_retry_after_http_date_is_honoured(
+        self, broker: BrokerServer, ifs_sim: IfsApps10Sim, http: aiohttp.ClientSession
+    ) -> None:
         """429 with an HTTP-date Retry-After waits until that date."""
         when = email.utils.formatdate(time.time() + 2, usegmt=True)
         ifs_sim.queue_api_response(429, headers={"Retry-After": when})
@@ -48,7 +54,9 @@ class TestRateLimited:
         first, second = ifs_sim.api_requests
         assert second.time - first.time >= 0.9  # the date has one-second resolution
 
-    async def test_concurrent_clients_wait_out_one_window(self, broker: BrokerServer, ifs_sim: IfsApps10Sim, http: aiohttp.ClientSession) -> None:
+    async def test_concurrent_clients_wait_out_one_window(
+        self, broker: BrokerServer, ifs_sim: IfsApps10Sim, http: aiohttp.ClientSession
+    ) -> None:
         """Ten clients during a Retry-After: 2 window cause no ERP request inside the window."""
         ifs_sim.queue_api_response(429, headers={"Retry-After": "2"})
         first = asyncio.create_task(http.get(f"{broker.proxy_url}/ifs/_test/echo/first"))
@@ -66,9 +74,17 @@ class TestRateLimited:
         assert min(r.time for r in later) - window_start >= 1.95
         assert metric(broker, "erp_broker_rate_limit_waits_total", connector="ifs") >= 10
 
-    async def test_budget_spent_returns_the_erps_answer(self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession) -> None:
+    async def test_budget_spent_returns_the_erps_answer(
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
+    ) -> None:
         """After max_retries, the ERP's own 429 (with its Retry-After) goes back unchanged."""
-        server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file, retry={"max_retries": 2, "base_delay": 0.01})})
+        server = await make_broker(
+            {"ifs": ifs_connector(ifs_sim, ca_file, retry={"max_retries": 2, "base_delay": 0.01})}
+        )
         ifs_sim.queue_api_response(429, headers={"Retry-After": "0"}, body=b"slow down", count=3)
         async with http.get(f"{server.proxy_url}/ifs/_test/echo/x") as resp:
             assert resp.status == 429
@@ -77,7 +93,9 @@ class TestRateLimited:
             assert await resp.read() == b"slow down"
         assert len(ifs_sim.api_requests) == 3
 
-    async def test_retry_after_over_max_wait_is_not_waited(self, broker: BrokerServer, ifs_sim: IfsApps10Sim, http: aiohttp.ClientSession) -> None:
+    async def test_retry_after_over_max_wait_is_not_waited(
+        self, broker: BrokerServer, ifs_sim: IfsApps10Sim, http: aiohttp.ClientSession
+    ) -> None:
         """A Retry-After longer than max_wait (30 s) is passed back at once."""
         ifs_sim.queue_api_response(429, headers={"Retry-After": "120"})
         started = time.monotonic()
@@ -86,7 +104,13 @@ class TestRateLimited:
         assert time.monotonic() - started < 2
         assert len(ifs_sim.api_requests) == 1
 
-    async def test_full_wait_queue_answers_at_once(self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession) -> None:
+    async def test_full_wait_queue_answers_at_once(
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
+    ) -> None:
         """With max_queue waiters already in the window, the next request gets rate_limited now."""
         server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file, retry={"max_queue": 2})})
         ifs_sim.queue_api_response(429, headers={"Retry-After": "2"})
@@ -105,33 +129,63 @@ class TestRateLimited:
 
 
 class TestGatewayTimeout:
-    async def test_post_after_504_reaches_the_erp_once(self, broker: BrokerServer, ifs_sim: IfsApps10Sim, http: aiohttp.ClientSession) -> None:
+    async def test_post_after_504_reaches_the_erp_once(
+        self, broker: BrokerServer, ifs_sim: IfsApps10Sim, http: aiohttp.ClientSession
+    ) -> None:
         """A POST is never sent twice after a 504: the ERP may have processed it."""
         ifs_sim.queue_api_response(504, body=b"gateway timeout")
         async with http.post(f"{broker.proxy_url}/ifs/_test/echo/x", data=b"order") as resp:
             assert resp.status == 504
             assert "X-Broker-Error" not in resp.headers
         assert len(ifs_sim.api_requests) == 1
-        assert metric(broker, "erp_broker_retries_total", connector="ifs", reason="gateway_timeout") == 0
+        assert (
+            metric(broker, "erp_broker_retries_total", connector="ifs", reason="gateway_timeout")
+            == 0
+        )
 
     @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
-    async def test_idempotent_request_is_retried(self, method: str, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession) -> None:
+    async def test_idempotent_request_is_retried(
+        self,
+        method: str,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
+    ) -> None:
         """GET, PUT and DELETE are retried after a 504 with backoff."""
-        server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file, retry={"base_delay": 0.05})})
+        server = await make_broker(
+            {"ifs": ifs_connector(ifs_sim, ca_file, retry={"base_delay": 0.05})}
+        )
         ifs_sim.queue_api_response(504)
-        async with http.request(method, f"{server.proxy_url}/ifs/_test/echo/x", data=b"same") as resp:
+        async with http.request(
+            method, f"{server.proxy_url}/ifs/_test/echo/x", data=b"same"
+        ) as resp:
             assert resp.status == 200
         assert [r.status for r in ifs_sim.api_requests] == [504, 200]
-        assert metric(server, "erp_broker_retries_total", connector="ifs", reason="gateway_timeout") == 1
+        assert (
+            metric(server, "erp_broker_retries_total", connector="ifs", reason="gateway_timeout")
+            == 1
+        )
 
 
 class TestIdentityProviderFaults:
     @pytest.mark.parametrize(
         ("status", "body"),
-        [(503, b"down"), (200, b""), (200, b'{"token_type": "Bearer"}'), (200, b"<html>proxy error</html>")],
+        [
+            (503, b"down"),
+            (200, b""),
+            (200, b'{"token_type": "Bearer"}'),
+            (200, b"<html>proxy error</html>"),
+        ],
     )
     async def test_expired_token_and_broken_idp_answer_auth_failed_fast(
-        self, status: int, body: bytes, start_sim: SimStarter[IfsApps10Sim], ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self,
+        status: int,
+        body: bytes,
+        start_sim: SimStarter[IfsApps10Sim],
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """Once the token expired and the IdP answers garbage, requests get auth_failed quickly."""
         sim = await start_sim(IfsApps10Sim(token_lifetime=1))
@@ -147,16 +201,28 @@ class TestIdentityProviderFaults:
         # Backoff, not a tight loop: a handful of token requests, not hundreds.
         assert sim.count_token_requests() < 10
         failures = sum(
-            metric(server, "erp_broker_token_requests_total", connector="ifs", grant=grant, outcome="failure")
+            metric(
+                server,
+                "erp_broker_token_requests_total",
+                connector="ifs",
+                grant=grant,
+                outcome="failure",
+            )
             for grant in ("password", "refresh_token")
         )
         assert failures >= 1
 
     async def test_token_with_a_line_break_is_refused_not_injected(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """An access token holding CR/LF would add headers to every request: refused when issued."""
-        ifs_sim.queue_token_response(200, body=b'{"access_token": "abc\\r\\nX-Evil: 1", "expires_in": 300}', count=1000)
+        ifs_sim.queue_token_response(
+            200, body=b'{"access_token": "abc\\r\\nX-Evil: 1", "expires_in": 300}', count=1000
+        )
         server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file, token_timeout=3)})
         async with http.get(f"{server.proxy_url}/ifs/_test/echo/x") as resp:
             assert resp.status == 502
@@ -164,7 +230,13 @@ class TestIdentityProviderFaults:
             assert "control characters" in (await resp.json())["error"]["message"]
         assert ifs_sim.api_requests == []
 
-    async def test_slow_idp_never_hangs_a_request(self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession) -> None:
+    async def test_slow_idp_never_hangs_a_request(
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
+    ) -> None:
         """A token endpoint slower than token_timeout: auth_failed within the timeout."""
         ifs_sim.token_delay = 5
         server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file, token_timeout=0.5)})
@@ -176,7 +248,9 @@ class TestIdentityProviderFaults:
 
 
 class TestDisconnects:
-    async def test_client_gone_during_a_window_stops_its_retries(self, broker: BrokerServer, ifs_sim: IfsApps10Sim) -> None:
+    async def test_client_gone_during_a_window_stops_its_retries(
+        self, broker: BrokerServer, ifs_sim: IfsApps10Sim
+    ) -> None:
         """A client that disconnects while its request waits out a 429 window is not retried."""
         ifs_sim.queue_api_response(429, headers={"Retry-After": "2"})
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.5)) as impatient:
@@ -188,7 +262,9 @@ class TestDisconnects:
             await proxy.idle.wait()  # the handler was cancelled, not left sleeping
         assert len(ifs_sim.api_requests) == 1
 
-    async def test_client_gone_mid_stream_leaks_nothing(self, broker: BrokerServer, ifs_sim: IfsApps10Sim) -> None:
+    async def test_client_gone_mid_stream_leaks_nothing(
+        self, broker: BrokerServer, ifs_sim: IfsApps10Sim
+    ) -> None:
         """Closing a 64 MiB download early ends the upstream call; no handler stays behind."""
         async with aiohttp.ClientSession() as http:
             resp = await http.get(f"{broker.proxy_url}/ifs/_test/bytes/{64 * 1024 * 1024}")
@@ -205,7 +281,9 @@ class TestDisconnects:
 
 
 class TestBrokenAnswers:
-    async def test_small_answer_broken_off_is_a_502(self, broker: BrokerServer, http: aiohttp.ClientSession) -> None:
+    async def test_small_answer_broken_off_is_a_502(
+        self, broker: BrokerServer, http: aiohttp.ClientSession
+    ) -> None:
         """An ERP that dies in the middle of a small answer: a JSON 502, the broker serves on."""
         async with http.get(f"{broker.proxy_url}/ifs/_test/broken/1000") as resp:
             assert resp.status == 502
@@ -214,7 +292,9 @@ class TestBrokenAnswers:
         async with http.get(f"{broker.proxy_url}/ifs/_test/echo/x") as resp:
             assert resp.status == 200
 
-    async def test_streamed_answer_broken_off_closes_the_connection(self, broker: BrokerServer, http: aiohttp.ClientSession) -> None:
+    async def test_streamed_answer_broken_off_closes_the_connection(
+        self, broker: BrokerServer, http: aiohttp.ClientSession
+    ) -> None:
         """Once the head is out, the app learns of a broken-off body by the connection closing
         before the announced length; logged as a broker error, not as a broker failure."""
         with structlog.testing.capture_logs() as logs:
@@ -240,13 +320,19 @@ class TestRotatedSecret:
         secret = tmp_path / "password"
         secret.write_text("old-password\n")
         config_file = tmp_path / "broker.yaml"
-        config_file.write_text(yaml.safe_dump({
-            "listen": "127.0.0.1:0",
-            "admin_listen": "127.0.0.1:0",
-            "store": {"sqlite": str(tmp_path / "tokens.db")},
-            "credentials_reload_interval": 0.1,
-            "connectors": {"ifs": ifs_connector(ifs_sim, ca_file, password=f"${{file:{secret}}}")},
-        }))
+        config_file.write_text(
+            yaml.safe_dump(
+                {
+                    "listen": "127.0.0.1:0",
+                    "admin_listen": "127.0.0.1:0",
+                    "store": {"sqlite": str(tmp_path / "tokens.db")},
+                    "credentials_reload_interval": 0.1,
+                    "connectors": {
+                        "ifs": ifs_connector(ifs_sim, ca_file, password=f"${{file:{secret}}}")
+                    },
+                }
+            )
+        )
         server = BrokerServer(Broker(load_config(config_file)))
         await server.start()
         try:

@@ -58,27 +58,41 @@ def broker_config(connectors: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
 
 class TestPasswordGrant:
     async def test_service_account_grant_basic_client_and_tenant_path(
-        self, infor_sim: InforIonSim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self,
+        infor_sim: InforIonSim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """username=saak, password=sask, the client as HTTP Basic; Bearer to iu/ti/..."""
         server = await make_broker({"infor": infor_connector(infor_sim, ca_file)})
         status, body = await get(http, f"{server.proxy_url}{ME}")
         assert status == 200 and body["response"]["userlist"][0]["tenant"] == infor_sim.tenant
         [login] = infor_sim.token_requests
-        assert login.form == {"grant_type": "password", "username": infor_sim.saak, "password": infor_sim.sask}
+        assert login.form == {
+            "grant_type": "password",
+            "username": infor_sim.saak,
+            "password": infor_sim.sask,
+        }
         assert login.headers["Authorization"] == basic(infor_sim.client_id, infor_sim.client_secret)
         call = infor_sim.api_requests[-1]
         assert call.raw_path == f"/{infor_sim.tenant}/ifsservice/usermgt/v2/users/me"
         assert call.headers["Authorization"] == f"Bearer {call.credential}"
 
     async def test_403_passes_through_without_a_token_request(
-        self, infor_sim: InforIonSim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self,
+        infor_sim: InforIonSim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """403 (scope or role missing) is not an expired token: no refresh, no replay, the ERP's body."""
         infor_sim.forbidden_paths = {f"/{infor_sim.tenant}/M3"}
         server = await make_broker({"infor": infor_connector(infor_sim, ca_file)})
         await server.broker.wait_ready(5)
-        async with http.get(f"{server.proxy_url}/infor/M3/m3api-rest/v2/execute/CRS610MI/LstByNumber") as resp:
+        async with http.get(
+            f"{server.proxy_url}/infor/M3/m3api-rest/v2/execute/CRS610MI/LstByNumber"
+        ) as resp:
             assert resp.status == 403
             assert "X-Broker-Error" not in resp.headers
             assert (await resp.json())["error"] == "insufficient_scope"
@@ -86,7 +100,11 @@ class TestPasswordGrant:
         assert len(infor_sim.api_requests) == 1
 
     async def test_dead_refresh_token_falls_back_to_password(
-        self, infor_sim: InforIonSim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self,
+        infor_sim: InforIonSim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """A refresh token rejected with invalid_grant leads to a new password grant, not a failure."""
         server = await make_broker({"infor": infor_connector(infor_sim, ca_file)})
@@ -95,7 +113,9 @@ class TestPasswordGrant:
         infor_sim.expire_all_tokens()
         assert (await get(http, f"{server.proxy_url}{ME}"))[0] == 200
         assert [(r.grant, r.status) for r in infor_sim.token_requests] == [
-            ("password", 200), ("refresh_token", 400), ("password", 200)
+            ("password", 200),
+            ("refresh_token", 400),
+            ("password", 200),
         ]
 
     @pytest.mark.parametrize(
@@ -104,8 +124,13 @@ class TestPasswordGrant:
         ids=["service-account-keys", "client"],
     )
     async def test_rejected_keys_name_the_ionapi_field(
-        self, change: dict[str, str], hint: str, infor_sim: InforIonSim, ca_file: str,
-        make_broker: BrokerFactory, http: aiohttp.ClientSession,
+        self,
+        change: dict[str, str],
+        hint: str,
+        infor_sim: InforIonSim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """Wrong saak/sask or ci/cs: auth_failed/connector_unavailable naming the .ionapi keys; one attempt."""
         conn = infor_connector(infor_sim, ca_file)
@@ -121,11 +146,18 @@ class TestPasswordGrant:
 
 class TestIonapiFile:
     @pytest.mark.parametrize(
-        "variant", ["capital-keys", "pu-without-slash", "file-path", "file-reference", "env-reference"]
+        "variant",
+        ["capital-keys", "pu-without-slash", "file-path", "file-reference", "env-reference"],
     )
     async def test_variants(
-        self, variant: str, infor_sim: InforIonSim, ca_file: str, make_broker: BrokerFactory,
-        http: aiohttp.ClientSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        self,
+        variant: str,
+        infor_sim: InforIonSim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         """Every way of writing the .ionapi gets a token from pu+ot and calls iu/ti (revoke at pu+or)."""
         ionapi = infor_sim.ionapi(
@@ -147,8 +179,14 @@ class TestIonapiFile:
         assert (await get(http, f"{server.proxy_url}{ME}"))[0] == 200
         assert infor_sim.token_requests[0].status == 200
         connector = server.broker.connectors["infor"]
-        assert connector.authenticator.token_url == f"{infor_sim.url}/{infor_sim.tenant}/as/token.oauth2"  # type: ignore[attr-defined]
-        assert connector.authenticator.revoke_url == f"{infor_sim.url}/{infor_sim.tenant}/as/revoke_token.oauth2"  # type: ignore[attr-defined]
+        assert (
+            connector.authenticator.token_url
+            == f"{infor_sim.url}/{infor_sim.tenant}/as/token.oauth2"
+        )  # type: ignore[attr-defined]
+        assert (
+            connector.authenticator.revoke_url
+            == f"{infor_sim.url}/{infor_sim.tenant}/as/revoke_token.oauth2"
+        )  # type: ignore[attr-defined]
 
     @pytest.mark.parametrize("missing", ["sask", "ot", "ci"])
     def test_missing_key_is_a_config_error_naming_it(self, missing: str, tmp_path: Path) -> None:
@@ -159,14 +197,20 @@ class TestIonapiFile:
         path = tmp_path / "prod.ionapi"
         path.write_bytes(orjson.dumps(ionapi))
         with pytest.raises(ConfigError) as caught:
-            parse_config({"connectors": {"infor": {"type": "infor_ion", "ionapi_file": str(path)}}}, "b.yaml")
-        assert caught.value.problems == [f"b.yaml: connectors.infor.ionapi_file.{missing}: required key is missing"]
+            parse_config(
+                {"connectors": {"infor": {"type": "infor_ion", "ionapi_file": str(path)}}}, "b.yaml"
+            )
+        assert caught.value.problems == [
+            f"b.yaml: connectors.infor.ionapi_file.{missing}: required key is missing"
+        ]
 
     def test_secrets_in_the_file_are_masked(self) -> None:
         """cs, saak and sask are secrets: the effective config never shows them."""
         sim = InforIonSim()
         sim.url = "https://ion.example.com"
-        config = parse_config({"connectors": {"infor": {"type": "infor_ion", "ionapi": sim.ionapi()}}})
+        config = parse_config(
+            {"connectors": {"infor": {"type": "infor_ion", "ionapi": sim.ionapi()}}}
+        )
         text = orjson.dumps(config.redacted()).decode()
         for secret in (sim.client_secret, sim.saak, sim.sask):
             assert secret not in text
@@ -174,7 +218,11 @@ class TestIonapiFile:
 
 class TestRefreshRotation:
     async def test_three_rotations_in_a_row(
-        self, infor_sim: InforIonSim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self,
+        infor_sim: InforIonSim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """Each refresh returns a new refresh token and kills the old: each is persisted before use,
         none is ever sent twice, and the store always holds the newest."""
@@ -189,14 +237,19 @@ class TestRefreshRotation:
         sent = [r.form["refresh_token"] for r in refreshes]
         assert len(set(sent)) == 3
         for record in refreshes:
-            assert record.headers["Authorization"] == basic(infor_sim.client_id, infor_sim.client_secret)
+            assert record.headers["Authorization"] == basic(
+                infor_sim.client_id, infor_sim.client_secret
+            )
         # Refresh n sent the refresh token of the n-th persisted token, and nothing older.
         saved = [token for _, _, token in store.saved]
         assert sent == [token.refresh for token in saved[:3]]
         assert len({token.refresh for token in saved}) == len(saved)
         key = store.saved[-1][1]
         stored = await store.load(key)
-        assert stored is not None and stored.refresh == server.broker.connectors["infor"].tokens.current.refresh  # type: ignore[union-attr]
+        assert (
+            stored is not None
+            and stored.refresh == server.broker.connectors["infor"].tokens.current.refresh
+        )  # type: ignore[union-attr]
         # Every access token reached the ERP only after it was persisted.
         saved_at = {token.access: at for at, _, token in store.saved}
         for call in infor_sim.api_requests:
@@ -207,14 +260,18 @@ class TestRefreshRotation:
         self, infor_sim: InforIonSim, ca_file: str, make_broker: BrokerFactory
     ) -> None:
         """A grant left idle is refreshed before grant_keepalive_days, even with a long-lived token."""
-        await make_broker({"infor": infor_connector(infor_sim, ca_file, grant_keepalive_days=1 / 86400)})
+        await make_broker(
+            {"infor": infor_connector(infor_sim, ca_file, grant_keepalive_days=1 / 86400)}
+        )
         await infor_sim.wait_for_token_requests(1, grant="refresh_token")
         assert infor_sim.token_requests[0].grant == "password"
         assert infor_sim.token_requests[1].status == 200
         assert not infor_sim.api_requests
 
 
-async def start_broker(connectors: dict[str, Any], tmp_path: Path, store: MemoryStore | None = None) -> BrokerServer:
+async def start_broker(
+    connectors: dict[str, Any], tmp_path: Path, store: MemoryStore | None = None
+) -> BrokerServer:
     server = BrokerServer(Broker(parse_config(broker_config(connectors, tmp_path)), store=store))
     await server.start()
     return server
@@ -233,18 +290,27 @@ class TestRevocation:
         [revoke] = [r for r in infor_sim.token_requests if r.grant == "revoke"]
         assert revoke.status == 200
         assert revoke.form == {"token": refresh, "token_type_hint": "refresh_token"}
-        assert revoke.headers["Authorization"] == basic(infor_sim.client_id, infor_sim.client_secret)
+        assert revoke.headers["Authorization"] == basic(
+            infor_sim.client_id, infor_sim.client_secret
+        )
         assert infor_sim.revocations == [refresh]
         assert await store.load(store.saved[-1][1]) is None
 
     @pytest.mark.parametrize("setting", ["revoke_on_shutdown-false", "shared-store"])
     async def test_not_revoked(
-        self, setting: str, infor_sim: InforIonSim, ca_file: str, tmp_path: Path, http: aiohttp.ClientSession
+        self,
+        setting: str,
+        infor_sim: InforIonSim,
+        ca_file: str,
+        tmp_path: Path,
+        http: aiohttp.ClientSession,
     ) -> None:
         """No revocation when configured off, or when the store is shared with other replicas."""
         overrides = {"revoke_on_shutdown": False} if setting == "revoke_on_shutdown-false" else {}
         store = RecordingStore(shared=setting == "shared-store")
-        server = await start_broker({"infor": infor_connector(infor_sim, ca_file, **overrides)}, tmp_path, store)
+        server = await start_broker(
+            {"infor": infor_connector(infor_sim, ca_file, **overrides)}, tmp_path, store
+        )
         assert (await get(http, f"{server.proxy_url}{ME}"))[0] == 200
         await server.stop()
         assert infor_sim.revocations == []
@@ -256,7 +322,9 @@ class TestRevocation:
         """`erp-broker run` with an .ionapi file: SIGTERM revokes the grant, then exits 0."""
         path = tmp_path / "prod.ionapi"
         path.write_bytes(orjson.dumps(infor_sim.ionapi()))
-        config = broker_config({"infor": {"type": "infor_ion", "ionapi_file": str(path), "ca_file": ca_file}}, tmp_path)
+        config = broker_config(
+            {"infor": {"type": "infor_ion", "ionapi_file": str(path), "ca_file": ca_file}}, tmp_path
+        )
         proc = await BrokerProcess(config, tmp_path).start()
         try:
             async with aiohttp.ClientSession() as http:

@@ -28,14 +28,21 @@ def issued_tokens(sim: IfsApps10Sim) -> list[str]:
 
 
 class TestLeakAudit:
-    async def test_no_secret_or_token_anywhere(self, tmp_path: Path, ifs_sim: IfsApps10Sim, ca_file: str) -> None:
+    async def test_no_secret_or_token_anywhere(
+        self, tmp_path: Path, ifs_sim: IfsApps10Sim, ca_file: str
+    ) -> None:
         """Logins, refreshes, replays, failures, kill -9 and restart, every admin endpoint:
         no configured secret, access token or refresh token appears in any output."""
         secret_dir = tmp_path / "secrets"
         secret_dir.mkdir()
         (secret_dir / "password").write_text(ifs_sim.password + "\n")
         wrong_password = "Wr0ng-Passw0rd-Value"
-        good = ifs_connector(ifs_sim, ca_file, password=f"${{file:{secret_dir / 'password'}}}", client_secret="${IFS_CLIENT_SECRET}")
+        good = ifs_connector(
+            ifs_sim,
+            ca_file,
+            password=f"${{file:{secret_dir / 'password'}}}",
+            client_secret="${IFS_CLIENT_SECRET}",
+        )
         bad = ifs_connector(ifs_sim, ca_file, password=wrong_password, route="/bad/")
         config: dict[str, Any] = {
             "listen": "127.0.0.1:0",
@@ -52,13 +59,21 @@ class TestLeakAudit:
 
         async def session(proc: BrokerProcess) -> None:
             async with aiohttp.ClientSession() as http:
+
                 async def get(url: str, **kw: Any) -> None:
                     async with http.request(kw.pop("method", "GET"), url, **kw) as resp:
                         outputs.append(f"{resp.status} {dict(resp.headers)} {await resp.text()}")
 
-                await get(f"{proc.proxy_url}/ifs/{api}", headers={"Authorization": "Bearer app-sent-token-xyz"})
+                await get(
+                    f"{proc.proxy_url}/ifs/{api}",
+                    headers={"Authorization": "Bearer app-sent-token-xyz"},
+                )
                 ifs_sim.queue_api_response(401)
-                await get(f"{proc.proxy_url}/ifs/{api}", method="POST", json={"CustomerId": "1", "Name": "n"})
+                await get(
+                    f"{proc.proxy_url}/ifs/{api}",
+                    method="POST",
+                    json={"CustomerId": "1", "Name": "n"},
+                )
                 ifs_sim.expire_all_tokens()
                 await get(f"{proc.proxy_url}/ifs/{api}")
                 ifs_sim.revoke_refresh_tokens()
@@ -67,7 +82,14 @@ class TestLeakAudit:
                 for _ in range(3):
                     await get(f"{proc.proxy_url}/bad/{api}")
                 await get(f"{proc.proxy_url}/nope")
-                for path in ("/healthz", "/readyz", "/metrics", "/connectors", "/connectors/ifs", "/connectors/bad"):
+                for path in (
+                    "/healthz",
+                    "/readyz",
+                    "/metrics",
+                    "/connectors",
+                    "/connectors/ifs",
+                    "/connectors/bad",
+                ):
                     await get(f"{proc.admin_url}{path}")
                 await get(f"{proc.admin_url}/connectors/ifs/refresh", method="POST")
                 await get(f"{proc.admin_url}/connectors/bad/refresh", method="POST")
@@ -86,8 +108,20 @@ class TestLeakAudit:
             await session(second)
             status = await asyncio.to_thread(
                 subprocess.run,
-                [sys.executable, "-m", "broker", "status", "-c", str(second.config_path), "--format", "json"],
-                capture_output=True, text=True, env={**os.environ, **env}, timeout=30,
+                [
+                    sys.executable,
+                    "-m",
+                    "broker",
+                    "status",
+                    "-c",
+                    str(second.config_path),
+                    "--format",
+                    "json",
+                ],
+                capture_output=True,
+                text=True,
+                env={**os.environ, **env},
+                timeout=30,
             )
             assert status.returncode == 1, status.stderr  # connector "bad" is not up
             assert '"token_state"' in status.stdout
@@ -99,7 +133,10 @@ class TestLeakAudit:
         check = await asyncio.to_thread(
             subprocess.run,
             [sys.executable, "-m", "broker", "check", "-c", str(second.config_path)],
-            capture_output=True, text=True, env={**os.environ, **env}, timeout=30,
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+            timeout=30,
         )
         assert check.returncode == 0, check.stderr
         outputs += [first.output, second.output, check.stdout, check.stderr]
@@ -107,7 +144,13 @@ class TestLeakAudit:
 
         tokens = issued_tokens(ifs_sim)
         assert len(tokens) >= 8  # logins, refreshes and rotations happened
-        secrets = [ifs_sim.password, ifs_sim.client_secret, wrong_password, "app-sent-token-xyz", *tokens]
+        secrets = [
+            ifs_sim.password,
+            ifs_sim.client_secret,
+            wrong_password,
+            "app-sent-token-xyz",
+            *tokens,
+        ]
         leaked = [s[:12] + "…" for s in secrets if s in everything]
         assert leaked == []
         # The session really ran: requests were logged, failures were reported.
@@ -145,15 +188,25 @@ class TestLeakAuditRealWorld:
                 "cc": cc,
                 "basic": basic,
                 "native": ifs_connector(
-                    native, ca_file, token_url="/openid-connect-provider/idp/token",
-                    token_params={"resource": "guid-9"}, inject="id_token",
+                    native,
+                    ca_file,
+                    token_url="/openid-connect-provider/idp/token",
+                    token_params={"resource": "guid-9"},
+                    inject="id_token",
                 ),
                 "pso": {
-                    "type": "ifs_pso", "base_url": pso.url, "account_id": pso.account_id,
-                    "username": pso.username, "password": pso.password, "ca_file": ca_file,
+                    "type": "ifs_pso",
+                    "base_url": pso.url,
+                    "account_id": pso.account_id,
+                    "username": pso.username,
+                    "password": pso.password,
+                    "ca_file": ca_file,
                 },
                 "bad": ifs_connector(
-                    ifs, ca_file, password=wrong, route="/bad/",
+                    ifs,
+                    ca_file,
+                    password=wrong,
+                    route="/bad/",
                     login_backoff={"initial": 0.3, "max": 0.3, "max_failures": 2},
                 ),
             },
@@ -163,6 +216,7 @@ class TestLeakAuditRealWorld:
         proc = await BrokerProcess(config, tmp_path).start()
         try:
             async with aiohttp.ClientSession() as http:
+
                 async def get(url: str, method: str = "GET") -> None:
                     async with http.request(method, url) as resp:
                         outputs.append(f"{resp.status} {dict(resp.headers)} {await resp.text()}")
@@ -184,8 +238,18 @@ class TestLeakAuditRealWorld:
                     await get(f"{proc.admin_url}/connectors/{name}/test", "POST")
             cli = await asyncio.to_thread(
                 subprocess.run,
-                [sys.executable, "-m", "broker", "test-connection", "--all", "-c", str(proc.config_path)],
-                capture_output=True, text=True, timeout=60,
+                [
+                    sys.executable,
+                    "-m",
+                    "broker",
+                    "test-connection",
+                    "--all",
+                    "-c",
+                    str(proc.config_path),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
             )
             outputs.append(cli.stdout + cli.stderr)
             proc.signal(signal.SIGTERM)
@@ -198,8 +262,15 @@ class TestLeakAuditRealWorld:
         assert "may be locked by the identity provider" in everything
         basic_value = base64.b64encode(f"{ifs.username}:{ifs.password}".encode()).decode()
         secrets = [
-            ifs.password, ifs.client_secret, native.client_secret, pso.password, wrong,
-            basic_value, *issued_tokens(ifs), *issued_tokens(native), *list(pso._issued),
+            ifs.password,
+            ifs.client_secret,
+            native.client_secret,
+            pso.password,
+            wrong,
+            basic_value,
+            *issued_tokens(ifs),
+            *issued_tokens(native),
+            *list(pso._issued),
         ]
         leaked = [s[:12] + "…" for s in secrets if s in everything]
         assert leaked == []

@@ -43,11 +43,19 @@ def samples(text: str) -> dict[str, list[dict[str, str]]]:
 
 
 @pytest.fixture
-async def scraped(ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession) -> str:
+async def scraped(
+    ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+) -> str:
     """A broker after a 401 replay, a 429 retry, a 504 retry, a no_route and a waiter."""
     ifs_sim.token_delay = 0.2
     # credentials_expire set: its gauge has a series only when the date is configured.
-    server: BrokerServer = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file, retry={"base_delay": 0.01}, credentials_expire="2030-01-31")})
+    server: BrokerServer = await make_broker(
+        {
+            "ifs": ifs_connector(
+                ifs_sim, ca_file, retry={"base_delay": 0.01}, credentials_expire="2030-01-31"
+            )
+        }
+    )
     async with http.get(f"{server.proxy_url}/ifs/_test/echo/a") as resp:
         assert resp.status == 200
     ifs_sim.token_delay = 0
@@ -71,11 +79,21 @@ class TestLiveMetrics:
         for name, labels in CONTRACT.items():
             assert name in found, name
             assert {frozenset(s) for s in found[name]} == {frozenset(labels)}, name
-        statuses = {s["status"] for s in found["erp_broker_requests_total"] if s["connector"] == "ifs"}
+        statuses = {
+            s["status"] for s in found["erp_broker_requests_total"] if s["connector"] == "ifs"
+        }
         assert statuses == {"200"}
         reasons = {s["reason"] for s in found["erp_broker_retries_total"]}
-        assert reasons == {"auth", "rate_limited", "gateway_timeout", "stale_connection", "transient"}
-        assert re.search(r'erp_broker_retries_total\{connector="ifs",reason="gateway_timeout"\} 1\.0', scraped)
+        assert reasons == {
+            "auth",
+            "rate_limited",
+            "gateway_timeout",
+            "stale_connection",
+            "transient",
+        }
+        assert re.search(
+            r'erp_broker_retries_total\{connector="ifs",reason="gateway_timeout"\} 1\.0', scraped
+        )
         assert re.search(r'erp_broker_connector_up\{connector="ifs"\} 1\.0', scraped)
 
     async def test_labels_stay_bounded(self, scraped: str) -> None:
@@ -86,7 +104,12 @@ class TestLiveMetrics:
         """The exposition passes `promtool check metrics` (lint included)."""
         promtool = require_tool("promtool")
         result = await asyncio.to_thread(
-            subprocess.run, [promtool, "check", "metrics"], input=scraped, capture_output=True, text=True, timeout=30
+            subprocess.run,
+            [promtool, "check", "metrics"],
+            input=scraped,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         assert result.returncode == 0, result.stdout + result.stderr
 

@@ -16,7 +16,9 @@ from .conftest import BrokerFactory, pso_connector
 ROUTE = "/pso" + PSO_BASE
 
 
-async def get_json(http: aiohttp.ClientSession, url: str, **kwargs: object) -> tuple[int, dict[str, object]]:
+async def get_json(
+    http: aiohttp.ClientSession, url: str, **kwargs: object
+) -> tuple[int, dict[str, object]]:
     async with http.get(url, **kwargs) as resp:  # type: ignore[arg-type]
         return resp.status, await resp.json()
 
@@ -47,7 +49,9 @@ class TestSessionLogin:
         """An apiKey the app sends never reaches PSO: the broker's session replaces it."""
         server = await make_broker({"pso": pso_connector(pso_sim, ca_file)})
         status, body = await get_json(
-            http, f"{server.proxy_url}/pso/_test/echo/x", headers={"apiKey": "app-key", "APIKEY": "other"}
+            http,
+            f"{server.proxy_url}/pso/_test/echo/x",
+            headers={"apiKey": "app-key", "APIKEY": "other"},
         )
         assert status == 200
         keys = [v for k, v in body["headers"] if k.lower() == "apikey"]  # type: ignore[union-attr]
@@ -104,7 +108,9 @@ class TestWrongCredentials:
     ) -> None:
         """Wrong account id: auth_failed, then connector_unavailable; logins spaced out; messages name account_id."""
         pso_sim.token_delay = 0.15  # the first request arrives while the first login is in flight
-        conn = pso_connector(pso_sim, ca_file, account_id="WRONG", login_backoff={"initial": 0.1, "max": 2})
+        conn = pso_connector(
+            pso_sim, ca_file, account_id="WRONG", login_backoff={"initial": 0.1, "max": 2}
+        )
         server = await make_broker({"pso": conn})
         answers = []
         requests = 0
@@ -114,7 +120,9 @@ class TestWrongCredentials:
             while True:
                 async with http.get(f"{server.proxy_url}{ROUTE}/data") as resp:
                     body = await resp.json()
-                    answers.append((resp.status, resp.headers["X-Broker-Error"], body["error"]["message"]))
+                    answers.append(
+                        (resp.status, resp.headers["X-Broker-Error"], body["error"]["message"])
+                    )
                 requests += 1
 
         task = asyncio.create_task(hammer())
@@ -125,7 +133,10 @@ class TestWrongCredentials:
             with pytest.raises(asyncio.CancelledError):
                 await task
         assert answers[0][:2] == (502, "auth_failed")
-        assert {a[:2] for a in answers[1:]} <= {(503, "connector_unavailable"), (502, "auth_failed")}
+        assert {a[:2] for a in answers[1:]} <= {
+            (503, "connector_unavailable"),
+            (502, "auth_failed"),
+        }
         assert any(a[:2] == (503, "connector_unavailable") for a in answers)
         assert all("account_id" in a[2] and pso_sim.password not in a[2] for a in answers)
         logins = pso_sim.token_requests

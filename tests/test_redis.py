@@ -108,7 +108,9 @@ async def start_fleet(
     make_broker: BrokerFactory, n: int, connector: dict[str, Any], store: dict[str, Any]
 ) -> list[BrokerServer]:
     """``n`` replicas, started together as a Deployment's pods would be."""
-    return list(await asyncio.gather(*(make_broker({"ifs": connector}, store=store) for _ in range(n))))
+    return list(
+        await asyncio.gather(*(make_broker({"ifs": connector}, store=store) for _ in range(n)))
+    )
 
 
 async def status_of(http: aiohttp.ClientSession, base: str, path: str) -> int:
@@ -119,7 +121,11 @@ async def status_of(http: aiohttp.ClientSession, base: str, path: str) -> int:
 
 async def spread(http: aiohttp.ClientSession, bases: list[str], n: int) -> list[int]:
     """``n`` concurrent requests, round robin over the replicas."""
-    return list(await asyncio.gather(*(status_of(http, bases[i % len(bases)], f"/ifs/_test/echo/{i}") for i in range(n))))
+    return list(
+        await asyncio.gather(
+            *(status_of(http, bases[i % len(bases)], f"/ifs/_test/echo/{i}") for i in range(n))
+        )
+    )
 
 
 def store_of(server: BrokerServer) -> RedisStore:
@@ -154,7 +160,9 @@ class Traffic:
     async def _run(self, worker: int) -> None:
         n = worker
         while not self._stop.is_set():
-            self.statuses.append(await status_of(self.http, self.bases[n % len(self.bases)], f"/ifs/_test/echo/{n}"))
+            self.statuses.append(
+                await status_of(self.http, self.bases[n % len(self.bases)], f"/ifs/_test/echo/{n}")
+            )
             n += 1
             async with self._progress:
                 self._progress.notify_all()
@@ -195,18 +203,42 @@ class LogRecorder:
 
 class TestColdStart:
     async def test_burst_over_three_replicas_logs_in_once(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, redis_url: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        redis_url: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """Three replicas start together under a burst: one login for the fleet, every request served."""
         ifs_sim.token_delay = 0.3
-        fleet = await start_fleet(make_broker, 3, ifs_connector(ifs_sim, ca_file), fleet_store(redis_url))
+        fleet = await start_fleet(
+            make_broker, 3, ifs_connector(ifs_sim, ca_file), fleet_store(redis_url)
+        )
         statuses = await spread(http, [s.proxy_url for s in fleet], 150)
         assert statuses == [200] * 150
         assert ifs_sim.count_token_requests() == 1
-        assert sum(metric(s, "erp_broker_token_requests_total", connector="ifs", grant="password", outcome="success") for s in fleet) == 1
+        assert (
+            sum(
+                metric(
+                    s,
+                    "erp_broker_token_requests_total",
+                    connector="ifs",
+                    grant="password",
+                    outcome="success",
+                )
+                for s in fleet
+            )
+            == 1
+        )
 
     async def test_three_processes_log_in_once(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, redis_url: str, tmp_path: Path, http: aiohttp.ClientSession
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        redis_url: str,
+        tmp_path: Path,
+        http: aiohttp.ClientSession,
     ) -> None:
         """Three `erp-broker run` processes on one Redis: one login; the others adopt its token."""
         ifs_sim.token_delay = 0.5
@@ -227,7 +259,12 @@ class TestColdStart:
             assert statuses == [200] * 60
             assert ifs_sim.count_token_requests() == 1
             obtained = [e for p in procs for e in p.events if e.get("event") == "token_obtained"]
-            adopted = [e for p in procs for e in p.events if e.get("event") in ("token_adopted", "token_loaded")]
+            adopted = [
+                e
+                for p in procs
+                for e in p.events
+                if e.get("event") in ("token_adopted", "token_loaded")
+            ]
             assert len(obtained) == 1 and len(adopted) == 2
             for p in procs:
                 p.signal(signal.SIGTERM)
@@ -239,10 +276,17 @@ class TestColdStart:
 
 class TestRotation:
     async def test_replicas_taking_turns_never_send_an_old_refresh_token(
-        self, rotating_sim: IfsApps10Sim, ca_file: str, redis_url: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self,
+        rotating_sim: IfsApps10Sim,
+        ca_file: str,
+        redis_url: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """Each replica in turn refreshes: it starts from the fleet's newest refresh token, never its own older one."""
-        fleet = await start_fleet(make_broker, 3, ifs_connector(rotating_sim, ca_file), fleet_store(redis_url))
+        fleet = await start_fleet(
+            make_broker, 3, ifs_connector(rotating_sim, ca_file), fleet_store(redis_url)
+        )
         await asyncio.gather(*(s.broker.wait_ready(5) for s in fleet))
         for server in fleet:
             tokens = server.broker.connectors["ifs"].tokens
@@ -259,13 +303,20 @@ class TestRotation:
         assert rotating_sim.count_token_requests("password") == 1
 
     async def test_rotations_at_expiry_under_traffic(
-        self, server_ssl: ssl.SSLContext, ca_file: str, redis_url: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self,
+        server_ssl: ssl.SSLContext,
+        ca_file: str,
+        redis_url: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """2-second tokens, rotating refresh tokens, three replicas under load: one refresh per expiry, none rejected."""
         sim = IfsApps10Sim(rotate_refresh=True, token_lifetime=2)
         await sim.start(ssl_context=server_ssl)
         try:
-            fleet = await start_fleet(make_broker, 3, ifs_connector(sim, ca_file), fleet_store(redis_url))
+            fleet = await start_fleet(
+                make_broker, 3, ifs_connector(sim, ca_file), fleet_store(redis_url)
+            )
             traffic = Traffic(http, [s.proxy_url for s in fleet])
             try:
                 await sim.wait_for_token_requests(4, timeout=8)  # the login and three refreshes
@@ -275,15 +326,22 @@ class TestRotation:
         finally:
             await sim.stop()
         assert len(statuses) > 30 and set(statuses) == {200}
-        assert [(r.grant, r.status) for r in sim.token_requests] == [("password", 200)] + [("refresh_token", 200)] * 3
+        assert [(r.grant, r.status) for r in sim.token_requests] == [("password", 200)] + [
+            ("refresh_token", 200)
+        ] * 3
         assert len({r.form["refresh_token"] for r in sim.token_requests[1:]}) == 3
         assert not [r for r in sim.api_requests if r.status != 200]
 
 
 class TestLease:
     async def test_replica_killed_holding_the_lock_delays_others_at_most_the_lease(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, redis_url: str, inspect: redis.asyncio.Redis,
-        tmp_path: Path, make_broker: BrokerFactory,
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        redis_url: str,
+        inspect: redis.asyncio.Redis,
+        tmp_path: Path,
+        make_broker: BrokerFactory,
     ) -> None:
         """SIGKILL during a slow login: another replica logs in once the lease runs out, not later."""
         ifs_sim.token_delay = 30.0
@@ -296,7 +354,9 @@ class TestLease:
         }
         victim = await BrokerProcess(config, tmp_path).start()
         try:
-            await eventually(lambda: _has_lock(inspect), 5, "the first replica takes the refresh lock")
+            await eventually(
+                lambda: _has_lock(inspect), 5, "the first replica takes the refresh lock"
+            )
             # Renewed while the login runs: still held after more than a lease.
             await asyncio.sleep(LEASE * 1.2)
             [lock] = await lock_keys(inspect)
@@ -311,7 +371,9 @@ class TestLease:
         await survivor.broker.connectors["ifs"].tokens.wait_usable(LEASE + 3)
         waited = time.monotonic() - killed
         assert remaining - 0.1 <= waited <= LEASE + 0.5
-        assert ifs_sim.count_token_requests() == 2  # the dead replica's (cut off) and the survivor's
+        assert (
+            ifs_sim.count_token_requests() == 2
+        )  # the dead replica's (cut off) and the survivor's
         assert [r.status for r in ifs_sim.token_requests] == [499, 200]
 
 
@@ -324,15 +386,24 @@ async def _has_lock(client: redis.asyncio.Redis) -> bool:
 
 class TestSharedRateLimit:
     async def test_retry_after_seen_by_one_replica_holds_for_all(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, redis_url: str, inspect: redis.asyncio.Redis,
-        make_broker: BrokerFactory, http: aiohttp.ClientSession,
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        redis_url: str,
+        inspect: redis.asyncio.Redis,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """A 429 with Retry-After: 2 at one replica: no replica sends the ERP anything for 2 s."""
-        fleet = await start_fleet(make_broker, 3, ifs_connector(ifs_sim, ca_file), fleet_store(redis_url))
+        fleet = await start_fleet(
+            make_broker, 3, ifs_connector(ifs_sim, ca_file), fleet_store(redis_url)
+        )
         assert await spread(http, [s.proxy_url for s in fleet], 3) == [200] * 3
         ifs_sim.queue_api_response(429, headers={"Retry-After": "2"}, body="slow down")
         first = asyncio.create_task(status_of(http, fleet[0].proxy_url, "/ifs/_test/echo/limited"))
-        await eventually(lambda: inspect.exists("erp-broker:{ifs}:window:ifs"), 5, "the window reaches Redis")
+        await eventually(
+            lambda: inspect.exists("erp-broker:{ifs}:window:ifs"), 5, "the window reaches Redis"
+        )
 
         async def pushed_to_all() -> bool:
             return all([await s.broker.coordinator.wait_window("ifs") > 0 for s in fleet])
@@ -344,10 +415,18 @@ class TestSharedRateLimit:
         after = [r for r in ifs_sim.api_requests if r.time > limited.time]
         assert len(after) == 11
         assert min(r.time for r in after) >= limited.time + 1.95
-        assert sum(metric(s, "erp_broker_rate_limit_waits_total", connector="ifs") for s in fleet[1:]) >= 10
+        assert (
+            sum(metric(s, "erp_broker_rate_limit_waits_total", connector="ifs") for s in fleet[1:])
+            >= 10
+        )
 
     async def test_shared_budget_keeps_the_fleet_under_the_quota(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, redis_url: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        redis_url: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """rate_limit 5 per second on each of three replicas: the ERP sees at most 5 in any second from all of them."""
         connector = ifs_connector(ifs_sim, ca_file, rate_limit={"requests": 5, "per_seconds": 1.0})
@@ -372,8 +451,13 @@ class TestSharedRateLimit:
 
 class TestRedisOutage:
     async def test_restart_mid_traffic_loses_no_request(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, own_redis: RedisServer, make_broker: BrokerFactory,
-        http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch,
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        own_redis: RedisServer,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
+        monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         """Redis stops under load: requests go on with held tokens (and local refreshes); once it is back the
         replicas resynchronise and a new replica adopts the fleet's token without a login."""
@@ -404,7 +488,9 @@ class TestRedisOutage:
             statuses = await traffic.stop()
         assert len(statuses) >= 80 and set(statuses) == {200}
         assert all(metric(s, "erp_broker_store_up") == 1 for s in fleet)
-        assert len(logs.events("store_down")) == 2 and len(logs.events("store_up")) == 2  # one per replica
+        assert (
+            len(logs.events("store_down")) == 2 and len(logs.events("store_up")) == 2
+        )  # one per replica
         assert logs.events("store_resynchronised")
         requests_before = ifs_sim.count_token_requests()
         newcomer = await make_broker({"ifs": connector}, store=store)
@@ -413,7 +499,11 @@ class TestRedisOutage:
         assert ifs_sim.count_token_requests() == requests_before
 
     async def test_start_without_redis_then_resynchronise(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, own_redis: RedisServer, make_broker: BrokerFactory,
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        own_redis: RedisServer,
+        make_broker: BrokerFactory,
         http: aiohttp.ClientSession,
     ) -> None:
         """Redis down at start: the replica starts, logs in on its own and serves; when Redis comes, its token is written there."""
@@ -436,7 +526,11 @@ class TestRedisOutage:
         assert ifs_sim.count_token_requests() == 1
 
     async def test_hung_redis_never_hangs_a_request(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, own_redis: RedisServer, make_broker: BrokerFactory,
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        own_redis: RedisServer,
+        make_broker: BrokerFactory,
         http: aiohttp.ClientSession,
     ) -> None:
         """A frozen Redis costs a request at most the store timeout, later ones nothing; thawed, it is used again."""
@@ -444,7 +538,9 @@ class TestRedisOutage:
         connector = ifs_connector(ifs_sim, ca_file, rate_limit={"requests": 1000, "per_seconds": 1})
         # A store timeout long enough that one request waiting for Redis is told apart from
         # scheduling delays on a loaded machine.
-        server = await make_broker({"ifs": connector}, store=fleet_store(own_redis.url, timeout=2.0))
+        server = await make_broker(
+            {"ifs": connector}, store=fleet_store(own_redis.url, timeout=2.0)
+        )
         await server.broker.wait_ready(5)
         own_redis.pause()
         try:
@@ -467,12 +563,20 @@ class TestRedisOutage:
 
 class TestTokensAtRest:
     async def test_encrypted_tokens_hold_no_token_in_clear(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, redis_url: str, inspect: redis.asyncio.Redis,
-        make_broker: BrokerFactory, http: aiohttp.ClientSession,
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        redis_url: str,
+        inspect: redis.asyncio.Redis,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """With encryption_key, Redis holds a sealed value under erp-broker:token:<connector>:<fingerprint>."""
         key = base64.b64encode(os.urandom(32)).decode()
-        server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file)}, store=fleet_store(redis_url, encryption_key=key))
+        server = await make_broker(
+            {"ifs": ifs_connector(ifs_sim, ca_file)},
+            store=fleet_store(redis_url, encryption_key=key),
+        )
         assert await status_of(http, server.proxy_url, "/ifs/_test/echo/x") == 200
         token = server.broker.connectors["ifs"].tokens.current
         assert token is not None and token.refresh
@@ -487,10 +591,18 @@ class TestTokensAtRest:
         self, ifs_sim: IfsApps10Sim, ca_file: str, redis_url: str, make_broker: BrokerFactory
     ) -> None:
         """A replica started with a different encryption_key refuses to start, naming the setting."""
-        first = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file)}, store=fleet_store(redis_url, encryption_key=base64.b64encode(os.urandom(32)).decode()))
+        first = await make_broker(
+            {"ifs": ifs_connector(ifs_sim, ca_file)},
+            store=fleet_store(redis_url, encryption_key=base64.b64encode(os.urandom(32)).decode()),
+        )
         await first.broker.wait_ready(5)
         with pytest.raises(EncryptionKeyError, match="encryption_key"):
-            await make_broker({"ifs": ifs_connector(ifs_sim, ca_file)}, store=fleet_store(redis_url, encryption_key=base64.b64encode(os.urandom(32)).decode()))
+            await make_broker(
+                {"ifs": ifs_connector(ifs_sim, ca_file)},
+                store=fleet_store(
+                    redis_url, encryption_key=base64.b64encode(os.urandom(32)).decode()
+                ),
+            )
 
 
 class TestTlsAndPassword:
@@ -500,13 +612,22 @@ class TestTlsAndPassword:
         cert_file, key_file = tmp_path / "redis.crt", tmp_path / "redis.key"
         cert.cert_chain_pems[0].write_to_path(str(cert_file))
         cert.private_key_pem.write_to_path(str(key_file))
-        server = RedisServer(tmp_path, password="redis-pass-0123456789", tls=RedisTls(str(cert_file), str(key_file), ca_file)).start()
+        server = RedisServer(
+            tmp_path,
+            password="redis-pass-0123456789",
+            tls=RedisTls(str(cert_file), str(key_file), ca_file),
+        ).start()
         yield server
         server.kill()
 
     async def test_rediss_with_a_password_from_a_file(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, tls_redis: RedisServer, tmp_path: Path,
-        make_broker: BrokerFactory, http: aiohttp.ClientSession,
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        tls_redis: RedisServer,
+        tmp_path: Path,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
     ) -> None:
         """rediss:// with the server's CA and store.redis_password from ${file:}: tokens are shared; the password is shown nowhere."""
         secret = tmp_path / "redis-password"
@@ -523,7 +644,11 @@ class TestTlsAndPassword:
         assert tls_redis.password not in str(server.broker.config.redacted())
 
     async def test_wrong_password_is_a_startup_error(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, tls_redis: RedisServer, make_broker: BrokerFactory
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        tls_redis: RedisServer,
+        make_broker: BrokerFactory,
     ) -> None:
         """A password Redis refuses stops the start with a message naming store.redis_password, not the password."""
         url = f"rediss://:not-the-password-42@127.0.0.1:{tls_redis.port}/0?ssl_ca_certs={ca_file}"
@@ -532,16 +657,27 @@ class TestTlsAndPassword:
         assert "not-the-password-42" not in str(caught.value)
 
     async def test_unverified_server_certificate_is_a_startup_error(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, tls_redis: RedisServer, make_broker: BrokerFactory
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        tls_redis: RedisServer,
+        make_broker: BrokerFactory,
     ) -> None:
         """rediss:// to a server whose CA is not given: the start fails and says how to give the CA."""
         with pytest.raises(StoreError, match="ssl_ca_certs"):
-            await make_broker({"ifs": ifs_connector(ifs_sim, ca_file)}, store=fleet_store(tls_redis.url, redis_password=tls_redis.password))
+            await make_broker(
+                {"ifs": ifs_connector(ifs_sim, ca_file)},
+                store=fleet_store(tls_redis.url, redis_password=tls_redis.password),
+            )
 
 
 class TestUpgrade:
     async def test_token_under_the_name_before_hash_tags_is_adopted(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, redis_url: str, inspect: redis.asyncio.Redis,
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        redis_url: str,
+        inspect: redis.asyncio.Redis,
         make_broker: BrokerFactory,
     ) -> None:
         """A token stored by a release before hash tags (erp-broker:token:<key>) is read after an upgrade: no login."""

@@ -52,7 +52,9 @@ class Target:
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory: pytest.TempPathFactory, server_ssl: ssl.SSLContext, ca_file: str) -> Iterator[Target]:
+def target(
+    tmp_path_factory: pytest.TempPathFactory, server_ssl: ssl.SSLContext, ca_file: str
+) -> Iterator[Target]:
     """A simulator and a broker whose /ifs/ route forwards to the simulator's echo route."""
     thread = LoopThread()
     store = tmp_path_factory.mktemp("sec") / "tokens.db"
@@ -67,7 +69,11 @@ def target(tmp_path_factory: pytest.TempPathFactory, server_ssl: ssl.SSLContext,
                 "admin_listen": "127.0.0.1:0",
                 "store": {"sqlite": str(store)},
                 "access_log": False,
-                "connectors": {"ifs": ifs_connector(sim, ca_file, base_url=f"{sim.url}/_test/echo", token_url=token_url)},
+                "connectors": {
+                    "ifs": ifs_connector(
+                        sim, ca_file, base_url=f"{sim.url}/_test/echo", token_url=token_url
+                    )
+                },
             }
         )
         server = BrokerServer(Broker(config))
@@ -99,19 +105,28 @@ def send(port: int, data: bytes) -> tuple[int, dict[str, str], bytes]:
             head, sep, body = raw.partition(b"\r\n\r\n")
             if sep:
                 lines = head.decode("latin-1").split("\r\n")
-                headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+                headers = {
+                    k.strip().lower(): v.strip()
+                    for k, _, v in (line.partition(":") for line in lines[1:])
+                }
                 length = int(headers.get("content-length", "-1"))
                 if length >= 0 and len(body) >= length:
                     return int(lines[0].split()[1]), headers, body[:length]
     raw = b"".join(chunks)
     head, _, body = raw.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    headers = {
+        k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])
+    }
     return int(lines[0].split()[1]), headers, body
 
 
 def get(target: Target, path: str, extra: bytes = b"") -> tuple[int, dict[str, str], bytes]:
-    request = f"GET {path} HTTP/1.1\r\nHost: broker\r\nConnection: close\r\n".encode("latin-1") + extra + b"\r\n"
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: broker\r\nConnection: close\r\n".encode("latin-1")
+        + extra
+        + b"\r\n"
+    )
     return send(target.server.proxy_port, request)
 
 
@@ -127,7 +142,36 @@ def is_dot_segment_path(path: str) -> bool:
 
 
 SEGMENT = st.lists(
-    st.sampled_from(["a", "B", ".", "..", "%2e", "%2E", "%252e", "%2f", "%2F", "%5c", "\\", "~", "-", "_", "'", "(", ")", "=", ",", "%20", "$", "%25", "x.y", ";", "@", ":"]),
+    st.sampled_from(
+        [
+            "a",
+            "B",
+            ".",
+            "..",
+            "%2e",
+            "%2E",
+            "%252e",
+            "%2f",
+            "%2F",
+            "%5c",
+            "\\",
+            "~",
+            "-",
+            "_",
+            "'",
+            "(",
+            ")",
+            "=",
+            ",",
+            "%20",
+            "$",
+            "%25",
+            "x.y",
+            ";",
+            "@",
+            ":",
+        ]
+    ),
     min_size=0,
     max_size=5,
 ).map("".join)
@@ -135,9 +179,13 @@ QUERY = st.text(alphabet="abcXYZ=&$%'()/,.2fE~-_+:@", max_size=40)
 
 
 class TestClosedProxy:
-    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    )
     @given(segments=st.lists(SEGMENT, min_size=1, max_size=5), query=QUERY)
-    def test_forwards_exactly_within_the_route_or_refuses(self, target: Target, segments: list[str], query: str) -> None:
+    def test_forwards_exactly_within_the_route_or_refuses(
+        self, target: Target, segments: list[str], query: str
+    ) -> None:
         """Any target under /ifs/ is either forwarded byte for byte below the route's base, or
         refused with a broker error that never reached the ERP; nothing else."""
         rest = "/".join(segments)
@@ -157,12 +205,32 @@ class TestClosedProxy:
             if status == 400:
                 assert len(target.sim.api_requests) == before
 
-    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    )
     @given(
-        names=st.lists(st.sampled_from(["Authorization", "authorization", "AUTHORIZATION", "apiKey", "APIKEY", "apikey", "Proxy-Authorization", "X-Custom", "Cookie"]), min_size=1, max_size=6),
+        names=st.lists(
+            st.sampled_from(
+                [
+                    "Authorization",
+                    "authorization",
+                    "AUTHORIZATION",
+                    "apiKey",
+                    "APIKEY",
+                    "apikey",
+                    "Proxy-Authorization",
+                    "X-Custom",
+                    "Cookie",
+                ]
+            ),
+            min_size=1,
+            max_size=6,
+        ),
         value=st.text(alphabet="abcdefXYZ0123456789-._~+/=", min_size=8, max_size=30),
     )
-    def test_app_credentials_never_reach_the_erp(self, target: Target, names: list[str], value: str) -> None:
+    def test_app_credentials_never_reach_the_erp(
+        self, target: Target, names: list[str], value: str
+    ) -> None:
         """Whatever case or repetition, app-sent credential headers are dropped or replaced."""
         extra = "".join(f"{name}: app-{value}\r\n" for name in names).encode()
         status, _, body = get(target, "/ifs/h", extra)
@@ -189,9 +257,21 @@ class TestClosedProxy:
             b"GET /ifs/x HTTP/1.1\nHost: b\n\n",
             b"GET /ifs/x HTTP/1.1\r\nHost: b\r\nX-A : b\r\n\r\n",
         ],
-        ids=["cl+te", "two-cl", "te-list", "te-unknown", "obs-fold", "cr-in-value", "nul", "bare-lf", "space-colon"],
+        ids=[
+            "cl+te",
+            "two-cl",
+            "te-list",
+            "te-unknown",
+            "obs-fold",
+            "cr-in-value",
+            "nul",
+            "bare-lf",
+            "space-colon",
+        ],
     )
-    def test_smuggling_inputs_get_400_and_never_reach_the_erp(self, target: Target, request_bytes: bytes) -> None:
+    def test_smuggling_inputs_get_400_and_never_reach_the_erp(
+        self, target: Target, request_bytes: bytes
+    ) -> None:
         """Conflicting framing, obs-fold and CR/LF/NUL in headers are refused by the parser."""
         before = len(target.sim.api_requests)
         status, headers, body = send(target.server.proxy_port, request_bytes)
@@ -217,13 +297,40 @@ class TestClosedProxy:
 
 
 class TestAdminGuard:
-    def _request(self, server: BrokerServer, peer: str, headers: dict[str, str] | None = None) -> Any:
-        transport = type("T", (), {"get_extra_info": lambda self, name, default=None: (peer, 1234) if name == "peername" else default})()
+    def _request(
+        self, server: BrokerServer, peer: str, headers: dict[str, str] | None = None
+    ) -> Any:
+        transport = type(
+            "T",
+            (),
+            {
+                "get_extra_info": lambda self, name, default=None: (
+                    (peer, 1234) if name == "peername" else default
+                )
+            },
+        )()
         app: Any = {SERVER: server}
-        return make_mocked_request("POST", "/connectors/ifs/refresh", headers=headers or {}, transport=transport, app=app)
+        return make_mocked_request(
+            "POST", "/connectors/ifs/refresh", headers=headers or {}, transport=transport, app=app
+        )
 
     def _server(self, **top: Any) -> BrokerServer:
-        config = parse_config({"connectors": {"ifs": {"type": "ifs_apps10", "domain": "e.example", "realm": "r", "client_id": "c", "client_secret": "s", "username": "u", "password": "p"}}, **top})
+        config = parse_config(
+            {
+                "connectors": {
+                    "ifs": {
+                        "type": "ifs_apps10",
+                        "domain": "e.example",
+                        "realm": "r",
+                        "client_id": "c",
+                        "client_secret": "s",
+                        "username": "u",
+                        "password": "p",
+                    }
+                },
+                **top,
+            }
+        )
         return BrokerServer(Broker(config))
 
     def test_actions_only_from_loopback_without_a_token(self) -> None:
@@ -237,7 +344,9 @@ class TestAdminGuard:
     def test_admin_token_is_required_when_configured(self) -> None:
         """With admin_token, only the right bearer passes, from anywhere."""
         server = self._server(admin_token="admin-token-value")
-        _require_operator(self._request(server, "10.1.2.3", {"Authorization": "Bearer admin-token-value"}))
+        _require_operator(
+            self._request(server, "10.1.2.3", {"Authorization": "Bearer admin-token-value"})
+        )
         for headers in ({}, {"Authorization": "Bearer wrong"}):
             with pytest.raises(Forbidden) as info:
                 _require_operator(self._request(server, "127.0.0.1", headers))
@@ -245,13 +354,17 @@ class TestAdminGuard:
 
 
 class TestTls:
-    async def test_tls_verify_false_is_warned_and_shown(self, ifs_sim: IfsApps10Sim, make_broker: BrokerFactory, ca_file: str) -> None:
+    async def test_tls_verify_false_is_warned_and_shown(
+        self, ifs_sim: IfsApps10Sim, make_broker: BrokerFactory, ca_file: str
+    ) -> None:
         """tls_verify: false works, logs a warning naming the connector, and shows on /connectors."""
         import aiohttp
 
         with capture_logs() as logs:
             server = await make_broker({"plain": ifs_connector(ifs_sim, None, tls_verify=False)})  # type: ignore[arg-type]
-        assert any(e["event"] == "tls_verification_disabled" and e["connector"] == "plain" for e in logs)
+        assert any(
+            e["event"] == "tls_verification_disabled" and e["connector"] == "plain" for e in logs
+        )
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{server.proxy_url}/plain/_test/echo/x") as resp:
                 assert resp.status == 200

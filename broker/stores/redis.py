@@ -351,9 +351,7 @@ class RedisStore:
                 message="tokens in Redis are not encrypted (set store.encryption_key)",
             )
         store._listener = asyncio.create_task(store._listen(), name="redis-events")
-        log.info(
-            "store_opened", store="redis", mode=connection.mode, url=store.url, up=store._up
-        )
+        log.info("store_opened", store="redis", mode=connection.mode, url=store.url, up=store._up)
         return store
 
     async def _check_key(self) -> None:
@@ -789,9 +787,7 @@ class RedisCoordinator:
         if milliseconds <= 0 or not self._store.up:
             return
         with contextlib.suppress(StoreError):
-            await self._store.script(
-                "window", [_key("window", key)], [milliseconds, WINDOWS, key]
-            )
+            await self._store.script("window", [_key("window", key)], [milliseconds, WINDOWS, key])
 
     async def window_pushed(self, key: str, seconds: float) -> None:
         await self._local.set_window(key, self._clock() + seconds)
@@ -814,7 +810,6 @@ class RedisCoordinator:
             else:
                 return int(wait_ms) / 1000
         return await self._local.take_budget(key, requests, per_seconds)
-
 
     # -- the login governor's state (broker/governor.py) ------------------------------------
 

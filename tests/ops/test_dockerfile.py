@@ -171,7 +171,9 @@ class TestPinnedDependencies:
         from .support import DOCKERFILE, ROOT
 
         declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-        names = {re.split(r"[<>=!;\[ ]", d, maxsplit=1)[0].lower().replace("_", "-") for d in declared}
+        names = {
+            re.split(r"[<>=!;\[ ]", d, maxsplit=1)[0].lower().replace("_", "-") for d in declared
+        }
         pinned = {}
         for line in (ROOT / "requirements.lock").read_text().splitlines():
             if line and not line.startswith("#"):
@@ -180,4 +182,7 @@ class TestPinnedDependencies:
                 pinned[name.lower().replace("_", "-")] = version
         assert names <= set(pinned), names - set(pinned)
         text = DOCKERFILE.read_text()
-        assert "-c requirements.lock" in text and "requirements.lock" in (ROOT / ".dockerignore").read_text()
+        assert (
+            "-c requirements.lock" in text
+            and "requirements.lock" in (ROOT / ".dockerignore").read_text()
+        )

@@ -36,27 +36,43 @@ def problems(tmp_path: Path, data: object) -> list[str]:
 
 
 class TestReferences:
-    def test_env_and_file_references_resolve(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_env_and_file_references_resolve(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         """${NAME} reads the environment; ${file:/path} reads a file minus one trailing newline."""
         secret = tmp_path / "pw"
         secret.write_text("from-file\n")
         monkeypatch.setenv("IFS_USER", "svc")
         config = load_config(
-            write(tmp_path, {"connectors": {"ifs": {**IFS, "username": "${IFS_USER}", "password": f"${{file:{secret}}}"}}})
+            write(
+                tmp_path,
+                {
+                    "connectors": {
+                        "ifs": {**IFS, "username": "${IFS_USER}", "password": f"${{file:{secret}}}"}
+                    }
+                },
+            )
         )
         ifs = config.connectors["ifs"]
         assert ifs.username == "svc"  # type: ignore[union-attr]
         assert ifs.password.get() == "from-file"  # type: ignore[union-attr]
 
-    def test_unset_variable_names_the_key(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_unset_variable_names_the_key(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         """An unresolvable reference is an error naming file, key path and variable."""
         monkeypatch.delenv("NOPE_NOT_SET", raising=False)
         lines = problems(tmp_path, {"connectors": {"ifs": {**IFS, "password": "${NOPE_NOT_SET}"}}})
-        assert lines == [f"{tmp_path / 'broker.yaml'}: connectors.ifs.password: environment variable NOPE_NOT_SET is not set"]
+        assert lines == [
+            f"{tmp_path / 'broker.yaml'}: connectors.ifs.password: environment variable NOPE_NOT_SET is not set"
+        ]
 
     def test_missing_file_names_the_key(self, tmp_path: Path) -> None:
         """A ${file:} that cannot be read is an error, never an empty string."""
-        lines = problems(tmp_path, {"connectors": {"ifs": {**IFS, "client_secret": "${file:/nonexistent/secret}"}}})
+        lines = problems(
+            tmp_path,
+            {"connectors": {"ifs": {**IFS, "client_secret": "${file:/nonexistent/secret}"}}},
+        )
         assert len(lines) == 1
         assert "connectors.ifs.client_secret: cannot read /nonexistent/secret" in lines[0]
 
@@ -64,7 +80,9 @@ class TestReferences:
         """An empty secret file is reported, not used as an empty password."""
         empty = tmp_path / "empty"
         empty.write_text("\n")
-        lines = problems(tmp_path, {"connectors": {"ifs": {**IFS, "password": f"${{file:{empty}}}"}}})
+        lines = problems(
+            tmp_path, {"connectors": {"ifs": {**IFS, "password": f"${{file:{empty}}}"}}}
+        )
         assert "connectors.ifs.password" in lines[0] and "empty" in lines[0]
 
 
@@ -82,10 +100,15 @@ class TestValidation:
             ({"route": "/a/../b/"}, "connectors.ifs.route", "path prefix"),
         ],
     )
-    def test_bad_connector_key(self, tmp_path: Path, change: dict[str, object], where: str, text: str) -> None:
+    def test_bad_connector_key(
+        self, tmp_path: Path, change: dict[str, object], where: str, text: str
+    ) -> None:
         """Each bad value is one line: <file>: <key path>: <what is wrong>."""
         lines = problems(tmp_path, {"connectors": {"ifs": {**IFS, **change}}})
-        assert any(line.startswith(f"{tmp_path / 'broker.yaml'}: {where}") and text in line for line in lines), lines
+        assert any(
+            line.startswith(f"{tmp_path / 'broker.yaml'}: {where}") and text in line
+            for line in lines
+        ), lines
 
     def test_missing_required_key(self, tmp_path: Path) -> None:
         """A missing credential is named."""
@@ -96,7 +119,10 @@ class TestValidation:
 
     def test_every_problem_is_reported(self, tmp_path: Path) -> None:
         """Several problems give several lines, not just the first."""
-        lines = problems(tmp_path, {"listen": "nope", "bogus": 1, "connectors": {"ifs": {**IFS, "domain": "https://x"}}})
+        lines = problems(
+            tmp_path,
+            {"listen": "nope", "bogus": 1, "connectors": {"ifs": {**IFS, "domain": "https://x"}}},
+        )
         assert len(lines) == 3
 
     def test_unknown_top_level_key(self, tmp_path: Path) -> None:
@@ -107,7 +133,9 @@ class TestValidation:
 
     def test_duplicate_routes(self, tmp_path: Path) -> None:
         """Two connectors may not share a route."""
-        lines = problems(tmp_path, {"connectors": {"a": {**IFS, "route": "/x/"}, "b": {**IFS, "route": "x"}}})
+        lines = problems(
+            tmp_path, {"connectors": {"a": {**IFS, "route": "/x/"}, "b": {**IFS, "route": "x"}}}
+        )
         assert "both use route /x/" in lines[0]
 
     def test_yaml_syntax_error_has_a_line(self, tmp_path: Path) -> None:

@@ -120,22 +120,28 @@ class TestScrubIndex:
                     linear = linear.replace(secret, MASK)
             assert registry.scrub(text) == linear
 
-
     def test_short_texts_against_many_long_tokens(self) -> None:
         """Thousands of long tokens and a few short secrets: texts of every length are
         scrubbed as the exhaustive search scrubs them (short ones look only at what fits)."""
         rng = random.Random(11)
         alphabet = string.ascii_letters + string.digits
-        tokens = ["".join(rng.choice(alphabet) for _ in range(rng.randint(80, 120))) for _ in range(1000)]
-        short = ["pw-" + "".join(rng.choice(alphabet) for _ in range(rng.randint(3, 12))) for _ in range(20)]
+        tokens = [
+            "".join(rng.choice(alphabet) for _ in range(rng.randint(80, 120))) for _ in range(1000)
+        ]
+        short = [
+            "pw-" + "".join(rng.choice(alphabet) for _ in range(rng.randint(3, 12)))
+            for _ in range(20)
+        ]
         registry = _Registry()
         for secret in tokens + short:
             registry.add(secret)
         for _ in range(400):
             parts = [
-                rng.choice(short) if rng.random() < 0.3 else
-                rng.choice(tokens) if rng.random() < 0.1 else
-                "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30)))
+                rng.choice(short)
+                if rng.random() < 0.3
+                else rng.choice(tokens)
+                if rng.random() < 0.1
+                else "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30)))
                 for _ in range(rng.randint(1, 4))
             ]
             text = "/".join(parts)
@@ -171,8 +177,14 @@ class TestRequestPath:
         from multidict import CIMultiDict
 
         headers = CIMultiDict(
-            [("Connection", "keep-alive, X-Hop"), ("X-Hop", "1"), ("A", "1"), ("A", "2"),
-             ("Authorization", "Bearer app"), ("Accept", "*/*")]
+            [
+                ("Connection", "keep-alive, X-Hop"),
+                ("X-Hop", "1"),
+                ("A", "1"),
+                ("A", "2"),
+                ("Authorization", "Bearer app"),
+                ("Accept", "*/*"),
+            ]
         )
         assert list(request_headers(headers).items()) == [("A", "1"), ("A", "2"), ("Accept", "*/*")]
 
@@ -261,7 +273,9 @@ class TestStreamBack:
     """Small bodies of known length are answered whole; the rest streams. Same bytes out."""
 
     @staticmethod
-    async def _through(method: str, origin_handler: Any) -> tuple[int, list[tuple[str, str]], bytes]:
+    async def _through(
+        method: str, origin_handler: Any
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
         import aiohttp
         from aiohttp.test_utils import RawTestServer
 
@@ -299,8 +313,13 @@ class TestStreamBack:
         payload = gzip.compress(b'{"auth":"x"}')
 
         async def origin(request: web.BaseRequest) -> web.StreamResponse:
-            headers = [("Content-Encoding", "gzip"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"),
-                       ("X-Request-ID", "from-origin"), ("Content-Type", "application/json")]
+            headers = [
+                ("Content-Encoding", "gzip"),
+                ("Set-Cookie", "a=1"),
+                ("Set-Cookie", "b=2"),
+                ("X-Request-ID", "from-origin"),
+                ("Content-Type", "application/json"),
+            ]
             return web.Response(body=payload, headers=headers)
 
         status, headers, body = await self._through("GET", origin)

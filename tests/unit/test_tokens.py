@@ -194,10 +194,16 @@ class TestRejection:
         new = await manager.reject(old)
         assert auth.calls == ["password", "refresh_token", "password"]
         assert new.grant == "password"
-        assert sample(
-            metrics, "erp_broker_token_requests_total",
-            connector="erp", grant="refresh_token", outcome="failure",
-        ) == 1
+        assert (
+            sample(
+                metrics,
+                "erp_broker_token_requests_total",
+                connector="erp",
+                grant="refresh_token",
+                outcome="failure",
+            )
+            == 1
+        )
 
     async def test_rejected_credentials_pause_logins(self) -> None:
         """Wrong credentials: first auth_failed, then connector_unavailable without new logins."""
@@ -263,7 +269,12 @@ class TestPersistence:
         store = MemoryStore()
         await store.save(
             "erp:fp",
-            Token(access="stored-access", obtained_at=clock(), expires_at=clock() + 300, grant="password"),
+            Token(
+                access="stored-access",
+                obtained_at=clock(),
+                expires_at=clock() + 300,
+                grant="password",
+            ),
         )
         auth = FakeAuth(clock)
         manager, _, _ = make_manager(auth, clock, store=store)
@@ -346,8 +357,15 @@ class TestTokenParsing:
     def test_expires_in_wins(self) -> None:
         """expires_in sets the lifetime."""
         token = token_from_oauth(
-            {"access_token": "a" * 10, "expires_in": 180, "refresh_token": "r" * 10, "refresh_expires_in": 1800},
-            grant="password", now=1000.0, default_lifetime=300,
+            {
+                "access_token": "a" * 10,
+                "expires_in": 180,
+                "refresh_token": "r" * 10,
+                "refresh_expires_in": 1800,
+            },
+            grant="password",
+            now=1000.0,
+            default_lifetime=300,
         )
         assert token.expires_at == 1180.0 and token.refresh_expires_at == 2800.0
         assert token.lifetime_source == "expires_in"
@@ -357,12 +375,16 @@ class TestTokenParsing:
         payload = base64.urlsafe_b64encode(orjson.dumps({"exp": 4242})).rstrip(b"=").decode()
         jwt = f"eyJhbGciOiJSUzI1NiJ9.{payload}.c2ln"
         assert jwt_expiry(jwt) == 4242.0
-        token = token_from_oauth({"access_token": jwt}, grant="password", now=1000.0, default_lifetime=300)
+        token = token_from_oauth(
+            {"access_token": jwt}, grant="password", now=1000.0, default_lifetime=300
+        )
         assert token.expires_at == 4242.0 and token.lifetime_source == "jwt"
 
     def test_default_lifetime_last(self) -> None:
         """An opaque token without expires_in gets the configured default lifetime."""
-        token = token_from_oauth({"access_token": "opaque-token"}, grant="password", now=10.0, default_lifetime=300)
+        token = token_from_oauth(
+            {"access_token": "opaque-token"}, grant="password", now=10.0, default_lifetime=300
+        )
         assert token.expires_at == 310.0 and token.lifetime_source == "default"
 
     @pytest.mark.parametrize("body", [None, {}, {"access_token": ""}, {"access_token": 5}, [1]])
@@ -373,13 +395,25 @@ class TestTokenParsing:
 
     def test_refresh_without_rotation_keeps_the_refresh_token(self) -> None:
         """A refresh answer without refresh_token keeps the previous one."""
-        previous = Token(access="a1", refresh="r-keep", obtained_at=0, expires_at=10, grant="password")
+        previous = Token(
+            access="a1", refresh="r-keep", obtained_at=0, expires_at=10, grant="password"
+        )
         token = token_from_oauth(
-            {"access_token": "a2", "expires_in": 60}, grant="refresh_token", now=5, default_lifetime=300, previous=previous
+            {"access_token": "a2", "expires_in": 60},
+            grant="refresh_token",
+            now=5,
+            default_lifetime=300,
+            previous=previous,
         )
         assert token.refresh == "r-keep"
 
     def test_repr_hides_the_token(self) -> None:
         """repr(Token) never shows the access or refresh token."""
-        token = Token(access="secret-access-value", refresh="secret-refresh-value", obtained_at=0, expires_at=1, grant="password")
+        token = Token(
+            access="secret-access-value",
+            refresh="secret-refresh-value",
+            obtained_at=0,
+            expires_at=1,
+            grant="password",
+        )
         assert "secret" not in repr(token)
