@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
@@ -21,9 +20,6 @@ from .memory import give_back_memory
 from .ports import reserve
 from .runtime import Broker
 from .server import Server, Timeouts
-
-if TYPE_CHECKING:
-    pass
 
 log = structlog.get_logger("broker.app")
 

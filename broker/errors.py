@@ -1,4 +1,4 @@
-"""The broker's exception tree, and the one place where errors become HTTP answers.
+"""The broker's exception tree (how each becomes an HTTP answer: :mod:`broker.answers`).
 
     BrokerError
     ├── ConfigError                 bad configuration: exits 2 before listening

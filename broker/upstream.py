@@ -20,7 +20,7 @@ from .http1 import Pool
 from .links import LinkRewriter
 from .matchers import ResponseRules
 from .metrics import ConnectorSeries, Metrics
-from .retry import RETRY_REASONS
+from .retry import GATEWAY_TIMEOUT, RATE_LIMITED, RETRY_REASONS, TRANSIENT
 from .tokens import TokenManager, TokenPolicy
 from .types import Authenticator, Clock, Coordinator, TokenStore
 
@@ -80,7 +80,7 @@ class Connector:
         # Series exist from the start, so rate()/increase() see the first event too.
         for reason in RETRY_REASONS:
             metrics.retries.labels(name, reason)
-        for reason in ("rate_limited", "gateway_timeout"):
+        for reason in (RATE_LIMITED, GATEWAY_TIMEOUT, TRANSIENT):  # the retries that wait
             metrics.backoff_seconds.labels(name, reason)
         metrics.rate_limit_waits.labels(name)
         #: OData paths are logged as entity set and key (broker/audit.py).

@@ -46,6 +46,7 @@ class TestCredentialsExpire:
                 "connectors": {"ifs": ifs_connector(ifs_sim, ca_file)},
             }
         )
+        await server.broker.wait_ready(10)  # status exits 0 only when every connector is up
         capsys.readouterr()
         assert await status(config, "table") == 0
         lines = capsys.readouterr().out.splitlines()

@@ -507,6 +507,20 @@ class RedisStore:
             self._mark_down(str(exc))
             raise
 
+    async def get_value(self, name: str) -> Any:
+        """GET ``name`` on the request path (for the coordinator's small shared values)."""
+        return await self.run("get", partial(self._client.get, name))
+
+    async def set_value(self, name: str, value: bytes | None, ttl: float) -> None:
+        """SET ``name`` for ``ttl`` seconds, or DEL it when ``value`` is None."""
+        client = self._client
+        command = (
+            partial(client.delete, name)
+            if value is None
+            else partial(client.set, name, value, px=max(1, round(ttl * 1000)))
+        )
+        await self.run("set", command)
+
     async def script(
         self, name: str, keys: list[str], args: list[Any], *, while_down: bool = False
     ) -> Any:
@@ -673,7 +687,7 @@ class RedisStore:
 
 class RedisCoordinator:
     """Refresh lock, Retry-After windows and request budget, shared through Redis; local
-    (as :class:`~broker.tokens.LocalCoordinator`) while Redis is down."""
+    (as :class:`~broker.coordinator.LocalCoordinator`) while Redis is down."""
 
     def __init__(
         self, store: RedisStore, lease: float, clock: Callable[[], float] = time.time
@@ -817,8 +831,7 @@ class RedisCoordinator:
         """The fleet's login spacing for ``key``; this replica's own while Redis is down."""
         if self._store.up:
             try:
-                name = _key("login", key)
-                value = await self._store.run("get", partial(self._store._client.get, name))
+                value = await self._store.get_value(_key("login", key))
             except StoreError:
                 pass
             else:
@@ -827,14 +840,8 @@ class RedisCoordinator:
 
     async def set_login_state(self, key: str, value: bytes | None, ttl: float) -> None:
         await self._local.set_login_state(key, value, ttl)
-        client, name = self._store._client, _key("login", key)
-        command = (
-            partial(client.delete, name)
-            if value is None
-            else partial(client.set, name, value, px=max(1, round(ttl * 1000)))
-        )
         with contextlib.suppress(StoreError):
-            await self._store.run("set", command)
+            await self._store.set_value(_key("login", key), value, ttl)
 
 
 if TYPE_CHECKING:
