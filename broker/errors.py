@@ -15,7 +15,8 @@
         ├── UpstreamUnreachable     502 upstream_unreachable
         ├── UpstreamTimeout         504 upstream_timeout
         ├── ConnectorUnavailable    503 connector_unavailable
-        ├── RateLimited             429 rate_limited (client-side budget or wait queue full)
+        ├── RateLimited             429 rate_limited (client-side budget, wait queue full, window
+        │                                         longer than the retry budget has left)
         └── DiscoveryFailed         502 discovery_failed (IFS projection list / $openapi)
 
 Messages never contain a secret: they name the setting to check instead. How an error becomes

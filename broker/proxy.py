@@ -327,7 +327,17 @@ class Proxy:
         request_id: str,
         trace: RequestTrace | None = None,
     ) -> tuple[Response | None, int, int]:
-        """Send the request to the ERP, replaying it when the policy says so; stream the answer."""
+        """Send the request to the ERP, replaying it when the policy says so; stream the answer.
+
+        Every wait of the request -- out a rate-limit window (its own 429's, or one open when it
+        came or made longer meanwhile by others) and every backoff -- is charged to its one
+        :class:`RetryBudget`, made when first needed, so ``retry.max_total`` bounds the time it
+        waits in all. When the budget cannot take a wait: with the ERP's 429/504 in hand (the
+        wait it asks for, or the window already open, is too long, or the retries are spent),
+        that answer goes back as it came; with no answer in hand (the request is about to be
+        sent and the open window is longer than its budget has left), the broker answers 429
+        ``rate_limited`` at once (:meth:`Connector.wait_turn`) rather than sleep it out.
+        """
         method = request.method
         target = connector.target_for(rest, query)
         headers = request_headers(request.headers)
@@ -350,7 +360,9 @@ class Proxy:
         attempts = 0
         while True:
             if not connector.turn_ready():
-                await connector.wait_turn()
+                if budget is None:
+                    budget = connector.retry_budget()
+                await connector.wait_turn(budget)  # a window too long for it: rate_limited
             connector.authenticator.apply(headers, token)
             attempts += 1
             if trace is not None:
@@ -384,44 +396,42 @@ class Proxy:
                 continue
             if verdict == TRANSIENT and not transient_retried and body.replayable:
                 if budget is None:
-                    budget = RetryBudget(
-                        config.retry.max_retries, config.retry.max_wait, config.retry.max_total
-                    )
+                    budget = connector.retry_budget()
                 pause = backoff_delay(
                     budget.retries, config.retry.base_delay, config.retry.max_wait
                 )
                 if budget.allows(pause):
                     # Retried once (IFS's MI_MODIFIED_ERROR: raised before anything executed).
                     upstream.release()
-                    budget.spend(pause)
+                    budget.retry()
                     transient_retried = True
                     connector.metrics.retries.labels(connector.name, TRANSIENT).inc()
-                    connector.metrics.backoff_seconds.labels(connector.name, TRANSIENT).inc(pause)
-                    await asyncio.sleep(pause)
+                    await connector.pause(budget, TRANSIENT, pause)
                     continue
             reason = should_retry(status, method)
             if reason is not None and body.replayable:
                 if budget is None:
-                    budget = RetryBudget(
-                        config.retry.max_retries, config.retry.max_wait, config.retry.max_total
-                    )
+                    budget = connector.retry_budget()
                 wait = parse_retry_after(upstream.headers.get("Retry-After"), time.time())
                 if wait is None:
                     wait = backoff_delay(
                         budget.retries, config.retry.base_delay, config.retry.max_wait
                     )
+                if reason == RATE_LIMITED:
+                    # What it would sleep: its own wait, or a longer window open already.
+                    wait = max(wait, await connector.coordinator.wait_window(connector.name))
                 if budget.allows(wait):
                     upstream.release()
-                    budget.spend(wait)
+                    budget.retry()
                     if trace is not None:
                         trace.retry_wait(reason, status, wait)
                     connector.metrics.retries.labels(connector.name, reason).inc()
                     if reason == RATE_LIMITED:
-                        # Every request to this connector waits out the same window.
+                        # Every request to this connector waits out the same window, this
+                        # one in wait_turn at the top of the loop, charged to its budget.
                         await connector.coordinator.set_window(connector.name, time.time() + wait)
                     else:
-                        connector.metrics.backoff_seconds.labels(connector.name, reason).inc(wait)
-                        await asyncio.sleep(wait)
+                        await connector.pause(budget, reason, wait)
                     continue
             answer = await self._stream_back(request, upstream, request_id, connector.links, data)
             return answer, status, attempts

@@ -56,7 +56,13 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | No
 
 @dataclass(slots=True)
 class RetryBudget:
-    """What one request may still spend on retries of 429 and 504."""
+    """What one request may still spend on retries and waits, made when it first needs one.
+
+    At most ``max_retries`` retries; no single retry's wait over ``max_wait``; and every second
+    the request actually waits -- out a rate-limit window (its own 429's or one already open
+    when it came) or a backoff after a 504 or a ``retry_on`` match -- is charged, so that
+    ``max_total`` bounds the time it waits in all.
+    """
 
     max_retries: int
     max_wait: float
@@ -72,9 +78,28 @@ class RetryBudget:
             and self.waited + wait <= self.max_total
         )
 
-    def spend(self, wait: float) -> None:
+    def fits(self, wait: float) -> bool:
+        """True if waiting ``wait`` more seconds (for a window, not a retry) stays within
+        ``max_total``."""
+        return self.waited + wait <= self.max_total
+
+    @property
+    def left(self) -> float:
+        """Seconds of waiting the request has left."""
+        return max(0.0, self.max_total - self.waited)
+
+    def retry(self) -> None:
+        """One retry more; its wait is charged when it is waited (:meth:`charge`)."""
         self.retries += 1
-        self.waited += wait
+
+    def charge(self, seconds: float) -> None:
+        """Seconds the request actually waited."""
+        self.waited += seconds
+
+    def spend(self, wait: float) -> None:
+        """One retry and its wait at once."""
+        self.retry()
+        self.charge(wait)
 
 
 def should_retry(status: int, method: str) -> str | None:

@@ -20,7 +20,7 @@ from .http1 import Pool
 from .links import LinkRewriter
 from .matchers import ResponseRules
 from .metrics import ConnectorSeries, Metrics
-from .retry import GATEWAY_TIMEOUT, RATE_LIMITED, RETRY_REASONS, TRANSIENT
+from .retry import GATEWAY_TIMEOUT, RATE_LIMITED, RETRY_REASONS, TRANSIENT, RetryBudget
 from .tokens import TokenManager, TokenPolicy
 from .types import Authenticator, Clock, Coordinator, TokenStore
 
@@ -200,21 +200,43 @@ class Connector:
         needed. False means: call :meth:`wait_turn`."""
         return self.config.rate_limit is None and self.coordinator.window_open(self.name)
 
-    async def wait_turn(self) -> None:
-        """Wait out a rate-limit window and take from the request budget, boundedly."""
+    def retry_budget(self) -> RetryBudget:
+        """A fresh :class:`RetryBudget` from the connector's ``retry`` settings."""
         retry = self.config.retry
+        return RetryBudget(retry.max_retries, retry.max_wait, retry.max_total)
+
+    async def wait_turn(self, budget: RetryBudget | None = None) -> None:
+        """Wait out a rate-limit window, charging every second to ``budget``; then take from
+        the client-side ``rate_limit``, boundedly.
+
+        A window longer than ``budget`` has left is not slept out: :class:`RateLimited` at once
+        (the ERP's own 429, if there was one, is gone by now; the send loop gives that back
+        itself when the wait does not fit while it holds the answer). Without ``budget`` (API
+        discovery) the wait has a fresh one of its own.
+        """
+        if budget is None:
+            budget = self.retry_budget()
+        counted = False
         while (wait := await self.coordinator.wait_window(self.name)) > 0:
-            if self._window_waiters >= retry.max_queue:
+            if not budget.fits(wait):
+                raise RateLimited(
+                    f"the ERP's rate-limit window ({wait:.1f}s left) is longer than the retry "
+                    f"budget allows (retry.max_total {budget.max_total:g}s, "
+                    f"{budget.left:.1f}s left)",
+                    connector=self.name,
+                )
+            if self._window_waiters >= self.config.retry.max_queue:
                 raise RateLimited(
                     f"{self._window_waiters} requests already wait for the ERP's rate-limit "
                     "window; try again later",
                     connector=self.name,
                 )
+            if not counted:  # one request, one wait: however often the window moves
+                counted = True
+                self.metrics.rate_limit_waits.labels(self.name).inc()
             self._window_waiters += 1
-            self.metrics.rate_limit_waits.labels(self.name).inc()
-            self.metrics.backoff_seconds.labels(self.name, "rate_limited").inc(wait)
             try:
-                await asyncio.sleep(wait)
+                await self.pause(budget, RATE_LIMITED, wait)
             finally:
                 self._window_waiters -= 1
         limit = self.config.rate_limit
@@ -236,6 +258,18 @@ class Connector:
                 self.metrics.rate_limit_waits.labels(self.name).inc()
             waited += wait
             await asyncio.sleep(wait)
+
+    async def pause(self, budget: RetryBudget, reason: str, seconds: float) -> None:
+        """Sleep ``seconds``; what was actually slept is charged to ``budget`` and counted in
+        ``erp_broker_backoff_seconds_total{reason}`` (also when the request is cancelled)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            slept = loop.time() - started
+            budget.charge(slept)
+            self.metrics.backoff_seconds.labels(self.name, reason).inc(slept)
 
     async def start(self) -> None:
         await self.tokens.start()

@@ -346,3 +346,120 @@ class TestRotatedSecret:
             assert [r.status for r in ifs_sim.token_requests] == [401, 200]
         finally:
             await server.stop()
+
+
+class TestWaitsChargedToTheBudget:
+    """Every second a request waits -- out a window it found, its own 429's, one made longer
+    meanwhile -- is charged to its retry budget: ``max_total`` bounds what it waits in all."""
+
+    @staticmethod
+    async def _budget_broker(
+        sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, max_total: float
+    ) -> BrokerServer:
+        server = await make_broker(
+            {"ifs": ifs_connector(sim, ca_file, retry={"max_total": max_total})}
+        )
+        await server.broker.wait_ready(5)
+        return server
+
+    @staticmethod
+    async def _open_window(server: BrokerServer, seconds: float) -> None:
+        """A window as another replica's (or another request's) 429 opens it: through the
+        coordinator every request of the connector asks."""
+        await server.broker.coordinator.set_window("ifs", time.time() + seconds)
+
+    async def test_window_longer_than_the_budget_is_refused_at_once(
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
+    ) -> None:
+        """A request that comes while a 30 s window is open, with max_total 2: 429 rate_limited
+        at once, naming retry.max_total; the ERP sees nothing of it, nothing is waited."""
+        server = await self._budget_broker(ifs_sim, ca_file, make_broker, 2)
+        await self._open_window(server, 30)
+        async with asyncio.timeout(5), http.get(f"{server.proxy_url}/ifs/_test/echo/x") as resp:
+            assert resp.status == 429
+            assert resp.headers["X-Broker-Error"] == "rate_limited"
+            message = (await resp.json())["error"]["message"]
+        assert "retry.max_total" in message and "window" in message
+        assert ifs_sim.api_requests == []
+        assert (
+            metric(
+                server, "erp_broker_backoff_seconds_total", connector="ifs", reason="rate_limited"
+            )
+            == 0
+        )
+        assert (
+            metric(server, "erp_broker_retries_total", connector="ifs", reason="rate_limited") == 0
+        )
+
+    async def test_window_within_the_budget_is_waited_and_charged(
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
+    ) -> None:
+        """A 1 s window found on arrival is waited out (200) and its seconds counted; a 2 s one
+        is too, and charged: the request's own 429 asking 2 s more (2 + 2 > max_total 3) then
+        goes back as the ERP sent it, not retried."""
+        server = await self._budget_broker(ifs_sim, ca_file, make_broker, 3)
+
+        def waited() -> float:
+            return metric(
+                server, "erp_broker_backoff_seconds_total", connector="ifs", reason="rate_limited"
+            )
+
+        await self._open_window(server, 1)
+        async with asyncio.timeout(10), http.get(f"{server.proxy_url}/ifs/_test/echo/a") as resp:
+            assert resp.status == 200
+        first = waited()
+        assert 0.5 <= first <= 3
+        assert [r.status for r in ifs_sim.api_requests] == [200]
+
+        ifs_sim.queue_api_response(429, headers={"Retry-After": "2"}, body=b"slow down")
+        await self._open_window(server, 2)
+        async with asyncio.timeout(10), http.get(f"{server.proxy_url}/ifs/_test/echo/b") as resp:
+            assert resp.status == 429
+            assert "X-Broker-Error" not in resp.headers
+            assert resp.headers["Retry-After"] == "2"
+            assert await resp.read() == b"slow down"
+        assert 1.5 <= waited() - first <= 3
+        assert [r.status for r in ifs_sim.api_requests] == [200, 429]
+        assert (
+            metric(server, "erp_broker_retries_total", connector="ifs", reason="rate_limited") == 0
+        )
+        assert metric(server, "erp_broker_rate_limit_waits_total", connector="ifs") == 2
+
+    async def test_waits_never_exceed_max_total_when_the_window_grows(
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
+    ) -> None:
+        """max_total 3: a 429 with Retry-After: 2, then, while the request waits, others make
+        the window 4 s longer. It stops at its budget (rate_limited), having waited at most 3 s
+        by the broker's own count, and never reaches the ERP again."""
+        server = await self._budget_broker(ifs_sim, ca_file, make_broker, 3)
+        ifs_sim.queue_api_response(429, headers={"Retry-After": "2"})
+        request = asyncio.create_task(http.get(f"{server.proxy_url}/ifs/_test/echo/x"))
+        async with asyncio.timeout(5):
+            while metric(server, "erp_broker_rate_limit_waits_total", connector="ifs") < 1:
+                await asyncio.sleep(0.01)
+        await self._open_window(server, 4)
+        async with asyncio.timeout(15):
+            resp = await request
+        async with resp:
+            assert resp.status == 429
+            assert resp.headers["X-Broker-Error"] == "rate_limited"
+        waited = metric(
+            server, "erp_broker_backoff_seconds_total", connector="ifs", reason="rate_limited"
+        )
+        assert 1.5 <= waited <= 3 + 0.5  # the budget, plus a loaded machine's late wake-up
+        assert [r.status for r in ifs_sim.api_requests] == [429]
+        assert (
+            metric(server, "erp_broker_retries_total", connector="ifs", reason="rate_limited") == 1
+        )

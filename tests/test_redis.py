@@ -420,6 +420,53 @@ class TestSharedRateLimit:
             >= 10
         )
 
+    async def test_window_longer_than_a_replicas_budget_is_refused_there(
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        redis_url: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
+    ) -> None:
+        """A replica with retry.max_total 1 (mid-rollout of a new config) learns of a 4 s
+        window another replica's 429 opened: its requests get rate_limited at once, without
+        sleeping it out or reaching the ERP; the replica that got the 429 waits and succeeds."""
+        patient = await make_broker(
+            {"ifs": ifs_connector(ifs_sim, ca_file)}, store=fleet_store(redis_url)
+        )
+        hasty = await make_broker(
+            {"ifs": ifs_connector(ifs_sim, ca_file, retry={"max_total": 1})},
+            store=fleet_store(redis_url),
+        )
+        await patient.broker.wait_ready(5)
+        await hasty.broker.wait_ready(5)
+        ifs_sim.queue_api_response(429, headers={"Retry-After": "4"})
+        first = asyncio.create_task(status_of(http, patient.proxy_url, "/ifs/_test/echo/first"))
+
+        async def learned() -> bool:
+            return await hasty.broker.coordinator.wait_window("ifs") > 1
+
+        await eventually(learned, 5, "the window reaches the other replica")
+        async with asyncio.timeout(2):
+            async with http.get(f"{hasty.proxy_url}/ifs/_test/echo/hasty") as resp:
+                assert resp.status == 429
+                assert resp.headers["X-Broker-Error"] == "rate_limited"
+                assert "retry.max_total" in (await resp.json())["error"]["message"]
+        assert [r.status for r in ifs_sim.api_requests] == [429]  # the first, only
+        assert (
+            metric(
+                hasty, "erp_broker_backoff_seconds_total", connector="ifs", reason="rate_limited"
+            )
+            == 0
+        )
+        assert await first == 200
+        assert (
+            metric(
+                patient, "erp_broker_backoff_seconds_total", connector="ifs", reason="rate_limited"
+            )
+            >= 3
+        )
+
     async def test_shared_budget_keeps_the_fleet_under_the_quota(
         self,
         ifs_sim: IfsApps10Sim,

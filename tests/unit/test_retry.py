@@ -57,3 +57,18 @@ class TestShouldRetry:
         assert should_retry(504, "POST") is None
         assert should_retry(504, "PATCH") is None
         assert should_retry(500, "GET") is None
+
+
+class TestCharges:
+    def test_waits_are_charged_and_bound_the_total(self) -> None:
+        """A window's wait is charged without a retry; fits() and allows() see what was charged."""
+        budget = RetryBudget(max_retries=3, max_wait=30, max_total=10)
+        assert budget.fits(10) and not budget.fits(10.5)
+        budget.charge(7)  # a window found open on arrival: no retry spent
+        assert budget.retries == 0 and budget.left == 3
+        assert budget.fits(3) and not budget.fits(4)
+        assert not budget.allows(4)  # its own 429 asking 4 s more: past max_total
+        budget.retry()
+        assert budget.retries == 1 and budget.waited == 7
+        budget.charge(5)
+        assert budget.left == 0 and not budget.fits(0.1)
