@@ -29,10 +29,13 @@ WORKDIR /src
 COPY pyproject.toml README.md requirements.lock ./
 COPY broker ./broker
 # requirements.lock pins every runtime dependency, transitive ones included: the image holds
-# exactly the versions that were tested and audited.
+# exactly the versions that were tested and audited. The otel extra is in the image, so that
+# `tracing` in the config works there; without `tracing` it is never imported.
 RUN python -m pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /wheels . \
  && python -m venv /opt/erp-broker \
- && /opt/erp-broker/bin/pip install --no-cache-dir -c requirements.lock /wheels/*.whl \
+ && for wheel in /wheels/*.whl; do \
+      /opt/erp-broker/bin/pip install --no-cache-dir -c requirements.lock "${wheel}[otel]"; \
+    done \
  && /opt/erp-broker/bin/pip uninstall --yes pip setuptools
 
 FROM python:3.11.14-slim-bookworm
