@@ -5,9 +5,12 @@ broker is `python -m broker run -c <file>` with a SQLite store, no encryption_ke
 no tracing. After /readyz answers 200 and a settle, VmRSS (and smaps_rollup's split) is read;
 with ``--connections N``, N keep-alive client connections are opened to the proxy listener
 (each sends one request and reads its answer, then stays open and idle) and RSS is read again.
-Prints one JSON object. Bounded in time: every wait has a deadline.
+With ``--tls`` the simulators serve HTTPS with a throwaway CA, added to a copy of the system
+CA bundle that the broker gets as ``SSL_CERT_FILE``: the connectors have no ``ca_file``, as
+against an ERP with a public certificate. Prints one JSON object. Bounded in time: every wait
+has a deadline.
 
-    python -m bench.footprint [--repeat 3] [--settle 3] [--connections 1000]
+    python -m bench.footprint [--repeat 3] [--settle 3] [--connections 1000] [--tls]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import asyncio
 import json
 import os
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -39,11 +43,25 @@ PATH = "/ifs/main/ifsapplications/projection/v1/AllProjections.svc/Projections"
 class SimThread:
     """The three simulators on an event loop of their own (not counted in the broker's RSS)."""
 
-    def __init__(self) -> None:
+    def __init__(self, workdir: Path, tls: bool = False) -> None:
+        self.env: dict[str, str] = {}
+        context = None
+        if tls:
+            import trustme
+
+            ca = trustme.CA()
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ca.issue_cert("localhost", "127.0.0.1").configure_cert(context)
+            bundle = workdir / "ca-bundle.pem"
+            system = Path(
+                ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt"
+            )
+            bundle.write_bytes(system.read_bytes() + b"\n" + ca.cert_pem.bytes())
+            self.env["SSL_CERT_FILE"] = str(bundle)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.sandboxes: Sandboxes = self._call(start_all())
+        self.sandboxes: Sandboxes = self._call(start_all(ssl_context=context))
 
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
@@ -129,6 +147,7 @@ def one_run(sims: SimThread, settle: float, connections: int) -> dict[str, Any]:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=workdir,
+            env={**os.environ, **sims.env},
         )
         held: list[socket.socket] = []
         try:
@@ -171,14 +190,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="broker processes, one by one")
     parser.add_argument("--settle", type=float, default=3.0, help="seconds before reading RSS")
     parser.add_argument("--connections", type=int, default=0, help="idle client connections")
+    parser.add_argument("--tls", action="store_true", help="HTTPS simulators, system CA path")
     args = parser.parse_args(argv)
-    sims = SimThread()
-    try:
-        runs = [one_run(sims, args.settle, args.connections) for _ in range(args.repeat)]
-    finally:
-        sims.stop()
+    with tempfile.TemporaryDirectory(prefix="footprint-sims-") as tmp:
+        sims = SimThread(Path(tmp), args.tls)
+        try:
+            runs = [one_run(sims, args.settle, args.connections) for _ in range(args.repeat)]
+        finally:
+            sims.stop()
     summary: dict[str, Any] = {
         "commit": _commit(),
+        "tls": args.tls,
         "runs": runs,
         "idle_rss_mib_median": statistics.median(r["idle"]["rss_mib"] for r in runs),
     }

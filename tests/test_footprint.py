@@ -8,6 +8,7 @@ connector is ready, and prints ``sys.modules``: the optional heavy modules must 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import sys
 import textwrap
 from pathlib import Path
@@ -16,8 +17,10 @@ from typing import Any
 import orjson
 import yaml
 
+from broker.config import parse_config
 from broker.sandbox import IfsApps10Sim, InforIonSim, PsoSim
-from tests.conftest import ifs_connector, infor_connector, pso_connector
+from broker.upstream import proxy_ssl_context
+from tests.conftest import ifs_connector, infor_connector, offline_pso_connector, pso_connector
 
 #: Imported by a running broker only when its config (or a first request) asks for them.
 NOT_NEEDED = (
@@ -91,3 +94,23 @@ async def test_a_sqlite_broker_imports_no_optional_heavy_module(
         name for name in modules if any(name == m or name.startswith(m + ".") for m in NOT_NEEDED)
     )
     assert loaded == []
+
+
+def test_connectors_on_the_system_cas_share_one_context(ca_file: str) -> None:
+    """Each verifying context on the system CAs holds its own copy of the CA store (~0.8 MiB):
+    the proxy's pools of all connectors that use them share one; a ca_file gets its own."""
+    config = parse_config(
+        {
+            "store": {"sqlite": "unused.db"},
+            "connectors": {
+                "a": offline_pso_connector(base_url="https://a.example"),
+                "b": offline_pso_connector(base_url="https://b.example"),
+                "c": offline_pso_connector(base_url="https://c.example", ca_file=ca_file),
+            },
+        }
+    )
+    a, b, c = (proxy_ssl_context(config.connectors[n]) for n in ("a", "b", "c"))
+    assert a is b
+    assert a.verify_mode == ssl.CERT_REQUIRED and a.check_hostname
+    assert a.cert_store_stats()["x509_ca"] == len(ssl.create_default_context().get_ca_certs())
+    assert c is not a and c.cert_store_stats()["x509_ca"] == 1
