@@ -8,15 +8,17 @@ was freed (measured: 100 MiB held of 100 MiB freed). ``malloc_trim(0)`` hands th
 back (``madvise``), wherever they are in the heap; it costs a few milliseconds, so the broker
 calls it only when no request is in flight and RSS has grown since the last time.
 
-On a C library without ``malloc_trim`` (musl, macOS) nothing is done.
+On a C library without ``malloc_trim`` (musl, macOS) nothing is done. ``ctypes`` is imported
+only when a trim is first due (issue 20: an idle broker does not carry it).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
+import functools
 import os
 from collections.abc import Callable
+from typing import Any
 
 #: RSS growth over the last trimmed level that is worth a trim.
 GROWTH = 4 * 1024 * 1024
@@ -26,7 +28,11 @@ INTERVAL = 10.0
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def _find_trim() -> Callable[[], object] | None:
+@functools.cache
+def find_trim() -> Callable[[], object] | None:
+    """``malloc_trim(0)``, or None where the C library has none (looked up once)."""
+    import ctypes
+
     try:
         libc = ctypes.CDLL(None)  # the C library this process already uses
     except OSError:
@@ -39,8 +45,15 @@ def _find_trim() -> Callable[[], object] | None:
     return lambda: trim(0)
 
 
-#: ``malloc_trim(0)``, or None where the C library has none.
-malloc_trim = _find_trim()
+def __getattr__(name: str) -> Any:
+    # ``memory.malloc_trim``: ``malloc_trim(0)``, or None where the C library has none.
+    if name == "malloc_trim":
+        return find_trim()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+#: ``trim``'s default: the C library's ``malloc_trim``, looked up when a trim is first due.
+LIBC = object()
 
 
 def rss_bytes() -> int:
@@ -57,7 +70,7 @@ async def give_back_memory(
     *,
     interval: float = INTERVAL,
     growth: int = GROWTH,
-    trim: Callable[[], object] | None = malloc_trim,
+    trim: Callable[[], object] | object | None = LIBC,
     rss: Callable[[], int] = rss_bytes,
 ) -> None:
     """Every ``interval`` seconds: when ``idle()`` and RSS has grown by ``growth`` since the
@@ -68,5 +81,8 @@ async def give_back_memory(
     while True:
         await asyncio.sleep(interval)
         if rss() - floor > growth and idle():
-            trim()
+            call = find_trim() if trim is LIBC else trim
+            if not callable(call):
+                return
+            call()
             floor = rss()

@@ -46,7 +46,7 @@ class TestCredentialsExpire:
                 "connectors": {"ifs": ifs_connector(ifs_sim, ca_file)},
             }
         )
-        await server.broker.wait_ready(10)  # status exits 0 only when every connector is up
+        await server.broker.wait_ready(15)  # `status` exits 0 only once the token is there
         capsys.readouterr()
         assert await status(config, "table") == 0
         lines = capsys.readouterr().out.splitlines()

@@ -1,0 +1,116 @@
+"""Footprint (issue 20): a running broker imports only what its config uses.
+
+A fresh interpreter builds and starts the broker from a config (SQLite store, no
+encryption_key, no Redis, no tracing) the way `erp-broker run` does, waits until every
+connector is ready, and prints ``sys.modules``: the optional heavy modules must be absent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+
+from broker.config import parse_config
+from broker.sandbox import IfsApps10Sim, InforIonSim, PsoSim
+from broker.upstream import proxy_ssl_context
+from tests.conftest import ifs_connector, infor_connector, offline_pso_connector, pso_connector
+
+#: Imported by a running broker only when its config (or a first request) asks for them.
+NOT_NEEDED = (
+    "redis",  # store.redis
+    "cryptography",  # store.encryption_key
+    "opentelemetry",  # tracing
+    "broker.stores.redis",
+    "broker.tracing",
+    "broker.discovery",  # GET /connectors/<name>/openapi
+    "broker.probe",  # POST /connectors/<name>/test
+    "ctypes",  # malloc_trim, once a trim is due
+)
+
+RUN = textwrap.dedent(
+    """
+    import asyncio, sys, orjson
+    from broker.cli import main  # what `python -m broker` imports
+    from broker.app import BrokerServer, tune_gc
+    from broker.config import load_config
+    from broker.runtime import Broker
+
+    async def run() -> None:
+        tune_gc()
+        server = BrokerServer(Broker(load_config(sys.argv[1])))
+        await server.start()
+        try:
+            await server.broker.wait_ready(30)
+            print(orjson.dumps(sorted(sys.modules)).decode(), flush=True)
+        finally:
+            await server.stop()
+
+    asyncio.run(run())
+    """
+)
+
+
+async def modules_of_running_broker(config: dict[str, Any], workdir: Path) -> set[str]:
+    path = workdir / "broker.yaml"
+    path.write_text(yaml.safe_dump(config))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        RUN,
+        str(path),
+        cwd=workdir,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    line = next(x for x in out.decode().splitlines() if x.startswith('["'))
+    return set(orjson.loads(line))
+
+
+async def test_a_sqlite_broker_imports_no_optional_heavy_module(
+    ifs_sim: IfsApps10Sim, pso_sim: PsoSim, infor_sim: InforIonSim, ca_file: str, tmp_path: Path
+) -> None:
+    config = {
+        "listen": "127.0.0.1:0",
+        "admin_listen": "127.0.0.1:0",
+        "store": {"sqlite": str(tmp_path / "tokens.db")},
+        "connectors": {
+            "ifs": ifs_connector(ifs_sim, ca_file),
+            "pso": pso_connector(pso_sim, ca_file),
+            "infor": infor_connector(infor_sim, ca_file),
+        },
+    }
+    modules = await modules_of_running_broker(config, tmp_path)
+    assert "broker.stores.sqlite" in modules and "aiohttp" in modules  # it did run
+    loaded = sorted(
+        name for name in modules if any(name == m or name.startswith(m + ".") for m in NOT_NEEDED)
+    )
+    assert loaded == []
+
+
+def test_connectors_on_the_system_cas_share_one_context(ca_file: str) -> None:
+    """Each verifying context on the system CAs holds its own copy of the CA store (~0.8 MiB):
+    the proxy's pools of all connectors that use them share one; a ca_file gets its own."""
+    config = parse_config(
+        {
+            "store": {"sqlite": "unused.db"},
+            "connectors": {
+                "a": offline_pso_connector(base_url="https://a.example"),
+                "b": offline_pso_connector(base_url="https://b.example"),
+                "c": offline_pso_connector(base_url="https://c.example", ca_file=ca_file),
+            },
+        }
+    )
+    a, b, c = (proxy_ssl_context(config.connectors[n]) for n in ("a", "b", "c"))
+    assert a is b
+    assert a.verify_mode == ssl.CERT_REQUIRED and a.check_hostname
+    assert a.cert_store_stats()["x509_ca"] == len(ssl.create_default_context().get_ca_certs())
+    assert c is not a and c.cert_store_stats()["x509_ca"] == 1
