@@ -125,6 +125,8 @@ class LinkRewriter:
         #: The route without its trailing slash: ``/ifs``.
         self.route = "/" + route.strip("/") if route.strip("/") else ""
         self.bodies = bodies
+        self._bases: dict[str | None, str] = {}
+        self._replacements: dict[str, tuple[bytes, bool]] = {}
         self._text = _text_pattern(self.upstream_base)
         self._json, self._window = _json_pattern(self.upstream_base)
         scheme = urlsplit(self.upstream_base).scheme.lower().encode()
@@ -162,9 +164,33 @@ class LinkRewriter:
     def broker_base(self, host: str | None) -> str:
         """The broker's URL for the route as the app reached it: ``http://<Host>/<route>``;
         only the path when the app sent no usable ``Host`` (a relative reference)."""
-        if host is None or not _HOST.fullmatch(host):
-            return self.route
-        return f"http://{host}{self.route}"
+        # An app sends the same Host on every request: checked and built once (bounded).
+        base = self._bases.get(host)
+        if base is None:
+            base = (
+                self.route
+                if host is None or not _HOST.fullmatch(host)
+                else f"http://{host}{self.route}"
+            )
+            if len(self._bases) >= 64:
+                self._bases.clear()
+            self._bases[host] = base
+        return base
+
+    def replacement(self, broker_base: str) -> tuple[bytes, bool]:
+        """What a link's quote and base become in a JSON body, and whether that is unsafe: a
+        spelling of the base, or the start of one (the broker on the ERP's own host and port),
+        which the next bytes.replace could replace again. Made once per broker URL."""
+        known = self._replacements.get(broker_base)
+        if known is None:
+            replacement = b'"' + broker_base.encode("ascii")
+            unsafe = any(
+                replacement.startswith(s) or s.startswith(replacement) for s in self._spelled
+            )
+            if len(self._replacements) >= 64:
+                self._replacements.clear()
+            known = self._replacements[broker_base] = (replacement, unsafe)
+        return known
 
     def rewrite_url(self, value: str, broker_base: str) -> str:
         """``value`` with the upstream base replaced, if it starts with it."""
@@ -182,6 +208,8 @@ class LinkRewriter:
         broker_base = self.broker_base(host)
         content_type: str | None = None
         encodings: list[str] = []
+        # One pass over the headers; what a rewritten body must lose is noted by position.
+        stale: list[int] = []
         for i, (name, value) in enumerate(headers):
             lower = name.lower()
             if lower in ("location", "content-location"):
@@ -190,17 +218,18 @@ class LinkRewriter:
                 content_type = value
             elif lower == "content-encoding":
                 encodings += [e.strip().lower() for e in value.split(",") if e.strip()]
-        encodings = [e for e in encodings if e != "identity"]
+                stale.append(i)
+            elif lower in ("content-length", "content-md5") or (
+                lower == "etag" and not value.startswith("W/")
+            ):
+                stale.append(i)
         if not (self.bodies and has_body and is_json(content_type)):
             return None
+        encodings = [e for e in encodings if e != "identity"]
         if len(encodings) > 1 or (encodings and encodings[0] not in _ENCODINGS):
             return None  # a coding the broker cannot undo: the body passes untouched
-        headers[:] = [
-            (name, value)
-            for name, value in headers
-            if name.lower() not in ("content-length", "content-encoding", "content-md5", "etag")
-            or (name.lower() == "etag" and value.startswith("W/"))
-        ]
+        for i in reversed(stale):
+            del headers[i]
         return JsonLinks(self, broker_base, encodings[0] if encodings else None)
 
 
@@ -232,12 +261,7 @@ class JsonLinks:
         self._forms = links._forms
         self._heads = links._heads
         self._shortest = links._shortest
-        self._replacement = replacement = b'"' + broker_base.encode("ascii")
-        # A replacement that is a spelling of the base, or the start of one (the broker on
-        # the ERP's own host and port), could be replaced again by the next bytes.replace.
-        self._unsafe = any(
-            replacement.startswith(s) or s.startswith(replacement) for s in links._spelled
-        )
+        self._replacement, self._unsafe = links.replacement(broker_base)
         #: Bytes held back: they may be the start of a link the next piece completes.
         self._carry = b""
         #: Whether the bytes given out so far end in an odd run of backslashes.
@@ -271,6 +295,10 @@ class JsonLinks:
 
     def whole(self, body: bytes) -> bytes:
         """A whole body, rewritten."""
+        if self._inflater is None and self._needle not in body.lower() and b"\\u" not in body:
+            # Every link starts as a JSON string: a quote, then the scheme and a colon in some
+            # case, or an escape (``\u``). A body with neither holds none (most small answers).
+            return body
         return b"".join(self.feed(body)) + self.end()
 
     async def stream(
