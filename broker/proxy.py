@@ -8,12 +8,13 @@ ever sends a request twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
@@ -182,6 +183,24 @@ async def _iter_content(content: BodyReader, prefix: bytes) -> AsyncIterator[byt
         yield prefix
     while chunk := await content.readany():
         yield chunk
+
+
+@contextlib.contextmanager
+def _reading(upstream: Upstream) -> Iterator[None]:
+    """Around reading an ERP answer's body: its failures become broker errors, and a body left
+    half-read (any failure, a cancelled request too) closes the connection: it never goes back
+    to the pool."""
+    try:
+        yield
+    except TimeoutError:  # the ERP's (UpstreamReadTimeout); the app's are ConnectionErrors
+        upstream.close()
+        raise UpstreamTimeout("the ERP stopped sending its response") from None
+    except UpstreamError as exc:
+        upstream.close()
+        raise UpstreamUnreachable(f"the ERP broke off its response: {exc}") from None
+    except BaseException:
+        upstream.close()
+        raise
 
 
 class Router:
@@ -441,14 +460,8 @@ class Proxy:
         connector: Connector, upstream: Upstream, method: str
     ) -> tuple[str | None, bytes | None]:
         """What the connector's matchers make of an answer (reading a small body if needed)."""
-        try:
+        with _reading(upstream):
             return await connector.rules.verdict(upstream, method)
-        except TimeoutError:
-            upstream.close()
-            raise UpstreamTimeout("the ERP stopped sending its response") from None
-        except UpstreamError as exc:
-            upstream.close()
-            raise UpstreamUnreachable(f"the ERP broke off its response: {exc}") from None
 
     async def _send(
         self,
@@ -525,7 +538,7 @@ class Proxy:
         small = (
             length is not None and length <= SMALL_BODY and answer_has_body(request.method, status)
         )
-        try:
+        with _reading(upstream):
             if small:
                 # A small body of known length: read whole and answered in one write. The
                 # headers (Content-Encoding among them) go out as they came, with the
@@ -544,15 +557,6 @@ class Proxy:
                 async for chunk in chunks if body_links is None else body_links.stream(chunks):
                     await request.write(chunk, chunked)
                 request.write_eof(chunked)
-        except TimeoutError:  # the ERP's (UpstreamReadTimeout); the app's are ConnectionErrors
-            upstream.close()
-            raise UpstreamTimeout("the ERP stopped sending its response") from None
-        except UpstreamError as exc:
-            upstream.close()
-            raise UpstreamUnreachable(f"the ERP broke off its response: {exc}") from None
-        except BaseException:
-            upstream.close()  # a half-read body cannot go back to the pool
-            raise
         upstream.release()
         if not small:
             return None
