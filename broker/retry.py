@@ -96,11 +96,6 @@ class RetryBudget:
         """Seconds the request actually waited."""
         self.waited += seconds
 
-    def spend(self, wait: float) -> None:
-        """One retry and its wait at once."""
-        self.retry()
-        self.charge(wait)
-
 
 def should_retry(status: int, method: str) -> str | None:
     """The retry reason for an ERP answer, or None: 429 always, 504 only when idempotent."""

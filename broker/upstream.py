@@ -463,17 +463,15 @@ class Connector:
         retry = self.config.retry
         return RetryBudget(retry.max_retries, retry.max_wait, retry.max_total)
 
-    async def wait_turn(self, budget: RetryBudget | None = None) -> None:
-        """Wait out a rate-limit window, charging every second to ``budget``; then take from
+    async def wait_turn(self, budget: RetryBudget) -> None:
+        """Wait out a rate-limit window, charging every second actually slept to ``budget``
+        (the request's, in the send loop: its first wait spends from it too); then take from
         the client-side ``rate_limit``, boundedly.
 
         A window longer than ``budget`` has left is not slept out: :class:`RateLimited` at once
         (the ERP's own 429, if there was one, is gone by now; the send loop gives that back
-        itself when the wait does not fit while it holds the answer). Without ``budget`` (API
-        discovery) the wait has a fresh one of its own.
+        itself when the wait does not fit while it holds the answer).
         """
-        if budget is None:
-            budget = self.retry_budget()
         counted = False
         while (wait := await self.coordinator.wait_window(self.name)) > 0:
             if not budget.fits(wait):

@@ -40,11 +40,14 @@ class TestBudget:
         """At most max_retries, no wait over max_wait, no more than max_total in all."""
         budget = RetryBudget(max_retries=3, max_wait=30, max_total=60)
         assert not budget.allows(31)
-        budget.spend(30)
+        budget.retry()
+        budget.charge(30)
         assert budget.allows(30)
-        budget.spend(29)
+        budget.retry()
+        budget.charge(29)
         assert not budget.allows(2)
-        budget.spend(1)
+        budget.retry()
+        budget.charge(1)
         assert not budget.allows(0)
 
 
