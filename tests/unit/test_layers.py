@@ -116,3 +116,79 @@ class TestImportGraph:
         """server.py, http1.py and flow.py know nothing of proxy, tokens, connectors, errors."""
         above = {m for m in GRAPH[wire] if m.startswith(ABOVE_WIRE)}
         assert above == set()
+
+
+#: The floors of docs/architecture.md, bottom to top: a module imports from its own floor or
+#: from floors below it, never from above. A module missing here fails the test below.
+FLOORS: dict[str, int] = {
+    **dict.fromkeys(("broker.flow", "broker.http1", "broker.server"), 0),
+    **dict.fromkeys(("broker.errors", "broker.answers"), 1),
+    **dict.fromkeys(
+        (
+            "broker",
+            "broker.config",
+            "broker.credential",
+            "broker.types",
+            "broker.retry",
+            "broker.matchers",
+            "broker.links",
+            "broker.audit",
+            "broker.metrics",
+            "broker.logs",
+            "broker.secrets",
+            "broker.crypto",
+            "broker.redis_url",
+            "broker.memory",
+            "broker.ports",
+        ),
+        2,
+    ),
+    **dict.fromkeys(("broker.tokens", "broker.governor", "broker.coordinator"), 3),
+    **dict.fromkeys(
+        ("broker.upstream", "broker.tracing", "broker.reload", "broker.direct", "broker.probe"),
+        4,
+    ),
+    **dict.fromkeys(("broker.proxy", "broker.discovery"), 5),
+    **dict.fromkeys(("broker.runtime", "broker.app", "broker.admin", "broker.page"), 6),
+    **dict.fromkeys(("broker.cli", "broker.commands", "broker.demo", "broker.__main__"), 7),
+}
+#: Packages whose every module is on one floor.
+PACKAGE_FLOORS = {"broker.stores": 3, "broker.connectors": 3}
+
+
+def floor_of(module: str) -> int | None:
+    if module in FLOORS:
+        return FLOORS[module]
+    for package, floor in PACKAGE_FLOORS.items():
+        if module == package or module.startswith(package + "."):
+            return floor
+    return None
+
+
+def points_up(module: str, imports: set[str]) -> list[str]:
+    """The modules of ``imports`` on a floor above ``module``'s."""
+    floor = floor_of(module)
+    assert floor is not None, f"{module} has no floor"
+    return sorted(
+        f"{m} (floor {other})"
+        for m in imports
+        if (other := floor_of(m)) is not None and other > floor
+    )
+
+
+class TestFloors:
+    def test_every_module_has_a_floor(self) -> None:
+        """A new module is placed on a floor here (and in docs/architecture.md)."""
+        assert sorted(m for m in MODULES if floor_of(m) is None) == []
+
+    @pytest.mark.parametrize("module", sorted(MODULES))
+    def test_imports_point_down(self, module: str) -> None:
+        """Each import of a module is from its own floor or below (every import counts: under
+        TYPE_CHECKING and inside functions too)."""
+        assert points_up(module, GRAPH[module]) == [], f"{module} imports from above its floor"
+
+    def test_the_floor_check_can_fail(self) -> None:
+        """An import from above is found: upstream (4) importing proxy (5)."""
+        assert points_up("broker.upstream", {"broker.proxy", "broker.tokens"}) == [
+            "broker.proxy (floor 5)"
+        ]
