@@ -20,7 +20,14 @@ import structlog
 from multidict import CIMultiDict
 
 from .config import IfsApps10Config
-from .errors import DiscoveryFailed, ProxyError, TokenError
+from .errors import (
+    DiscoveryFailed,
+    ProxyError,
+    RateLimited,
+    TokenError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from .http1 import Response as Upstream
 from .types import Clock, CredentialSource, TokenStore
 from .upstream import NO_BODY, Connector, reading
@@ -219,7 +226,11 @@ class Discovery:
         return bytes(document)
 
     async def _get_json(self, path: str, what: str) -> Any:
-        status, body = await self._get(path)
+        try:
+            status, body = await self._get(path)
+        except (UpstreamTimeout, UpstreamUnreachable, RateLimited) as exc:
+            # The send loop's failures to get an answer: this document's, named as such.
+            raise DiscoveryFailed(f"{what}: {exc.message}", connector=self.name) from None
         if status != 200:
             raise DiscoveryFailed(
                 f"{what}: the ERP answered {status}{_odata_detail(body)}", connector=self.name

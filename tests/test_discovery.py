@@ -392,3 +392,22 @@ class TestThroughTheSendLoop:
         assert (
             metric(server, "erp_broker_retries_total", connector="ifs", reason="rate_limited") == 0
         )
+
+    async def test_an_erp_that_does_not_answer_is_a_discovery_failure(
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
+    ) -> None:
+        """The send loop's transport failure (the ERP silent past ``timeout``) fails the listing
+        as 502 discovery_failed, naming what failed and why."""
+        server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file, timeout=0.5)})
+        await server.broker.wait_ready(5)
+        ifs_sim.queue_api_response(200, body=LISTING, delay=3)
+        async with asyncio.timeout(10):
+            async with http.get(f"{server.admin_url}/connectors/ifs/openapi") as resp:
+                assert resp.status == 502
+                assert resp.headers["X-Broker-Error"] == "discovery_failed"
+                message = (await resp.json())["error"]["message"]
+        assert "the projection list" in message and "did not answer within 0.5s" in message
