@@ -7,6 +7,7 @@ functions too: a cycle for the type checker is a cycle for the reader).
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -118,42 +119,39 @@ class TestImportGraph:
         assert above == set()
 
 
-#: The floors of docs/architecture.md, bottom to top: a module imports from its own floor or
-#: from floors below it, never from above. A module missing here fails the test below.
-FLOORS: dict[str, int] = {
-    **dict.fromkeys(("broker.flow", "broker.http1", "broker.server"), 0),
-    **dict.fromkeys(("broker.errors", "broker.answers"), 1),
-    **dict.fromkeys(
-        (
-            "broker",
-            "broker.config",
-            "broker.credential",
-            "broker.types",
-            "broker.retry",
-            "broker.matchers",
-            "broker.links",
-            "broker.audit",
-            "broker.metrics",
-            "broker.logs",
-            "broker.secrets",
-            "broker.crypto",
-            "broker.redis_url",
-            "broker.memory",
-            "broker.ports",
-        ),
-        2,
-    ),
-    **dict.fromkeys(("broker.tokens", "broker.governor", "broker.coordinator"), 3),
-    **dict.fromkeys(
-        ("broker.upstream", "broker.tracing", "broker.reload", "broker.direct", "broker.probe"),
-        4,
-    ),
-    **dict.fromkeys(("broker.proxy", "broker.discovery"), 5),
-    **dict.fromkeys(("broker.runtime", "broker.app", "broker.admin", "broker.page"), 6),
-    **dict.fromkeys(("broker.cli", "broker.commands", "broker.demo", "broker.__main__"), 7),
-}
-#: Packages whose every module is on one floor.
-PACKAGE_FLOORS = {"broker.stores": 3, "broker.connectors": 3}
+DOC = PACKAGE.parent / "docs" / "architecture.md"
+
+
+def read_floors(text: str) -> tuple[dict[str, int], dict[str, int]]:
+    """The floors of the diagram under "## The layers": modules, and packages (``stores/``)
+    whose every module is on one floor. A floor's names may run on to the next line."""
+    block = text.split("## The layers", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    names: dict[int, list[str]] = {}
+    floor = -1
+    for line in block.splitlines():
+        head = line.lstrip()
+        if not head:
+            continue
+        if head[0].isdigit():
+            digits, _, head = head.partition(" ")
+            floor = int(digits)
+        listed = re.split(r"\s{2,}", head.strip())[0]  # what follows two spaces describes
+        names.setdefault(floor, []).extend(n.strip() for n in listed.split("·") if n.strip())
+    modules: dict[str, int] = {}
+    packages: dict[str, int] = {}
+    for number, listed in names.items():
+        for name in listed:
+            if name.endswith("/"):
+                packages[f"broker.{name[:-1]}"] = number
+            else:
+                modules[f"broker.{name}"] = number
+    return modules, packages
+
+
+#: docs/architecture.md's floors, bottom to top: a module imports from its own floor or from
+#: floors below it, never from above. The package's ``__init__`` imports nothing: floor 0.
+FLOORS, PACKAGE_FLOORS = read_floors(DOC.read_text())
+FLOORS["broker"] = 0
 
 
 def floor_of(module: str) -> int | None:
@@ -178,8 +176,16 @@ def points_up(module: str, imports: set[str]) -> list[str]:
 
 class TestFloors:
     def test_every_module_has_a_floor(self) -> None:
-        """A new module is placed on a floor here (and in docs/architecture.md)."""
+        """A new module is placed on a floor of docs/architecture.md; every name there exists."""
         assert sorted(m for m in MODULES if floor_of(m) is None) == []
+        assert sorted(set(FLOORS) - MODULES) == []
+        assert sorted(p for p in PACKAGE_FLOORS if p not in MODULES) == []
+
+    def test_the_diagram_is_read(self) -> None:
+        """The reader sees all eight floors, a run-on line and the packages."""
+        assert sorted(set(FLOORS.values())) == list(range(8))
+        assert FLOORS["broker.ports"] == 2 and FLOORS["broker.proxy"] == 5
+        assert PACKAGE_FLOORS == {"broker.stores": 3, "broker.connectors": 3}
 
     @pytest.mark.parametrize("module", sorted(MODULES))
     def test_imports_point_down(self, module: str) -> None:
