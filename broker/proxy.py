@@ -213,6 +213,7 @@ class Proxy:
                 if exc.connector is None and connector is not None:
                     exc.connector = connector.name
                 error = exc.code
+                attempts = exc.attempts
                 log.info(
                     "broker_error",
                     code=exc.code,

@@ -22,7 +22,7 @@ from .audit import credential_id
 from .config import ConnectorConfig, IfsApps10Config, InforIonConfig, fingerprint
 from .connectors import build_authenticator
 from .credential import Token
-from .errors import RateLimited, UpstreamTimeout, UpstreamUnreachable
+from .errors import ProxyError, RateLimited, UpstreamTimeout, UpstreamUnreachable
 from .http1 import InvalidHeader, Pool, StaleConnection, UpstreamError
 from .http1 import Response as Upstream
 from .links import LinkRewriter
@@ -327,82 +327,86 @@ class Connector:
         stale_replay = method in IDEMPOTENT_METHODS and body.replayable
         fresh = False
         attempts = 0
-        while True:
-            if not self.turn_ready():
-                if budget is None:
-                    budget = self.retry_budget()
-                await self.wait_turn(budget)  # a window too long for it: rate_limited
-            self.authenticator.apply(headers, token)
-            attempts += 1
-            if trace is not None:
-                trace.attempt(self, method, target, headers, attempts)
-            upstream = await self.send(
-                method, target, headers, body, fresh=fresh, stale_replay=stale_replay
-            )
-            if upstream is None:
-                stale_replay = False
-                fresh = True
-                self.metrics.retries.labels(self.name, STALE_CONNECTION).inc()
-                continue
-            status = upstream.status
-            if trace is not None:
-                trace.answered(status)
-            verdict: str | None = None
-            data: bytes | None = None  # the body, when a matcher had to read it
-            if status in self.rules.statuses:
-                verdict, data = await self.inspect(upstream, method)
-            if (
-                (status in self.auth_statuses or verdict == AUTH)
-                and not auth_replayed
-                and body.replayable
-            ):
-                upstream.release()
-                auth_replayed = True
+        try:
+            while True:
+                if not self.turn_ready():
+                    if budget is None:
+                        budget = self.retry_budget()
+                    await self.wait_turn(budget)  # a window too long for it: rate_limited
+                self.authenticator.apply(headers, token)
+                attempts += 1
                 if trace is not None:
-                    trace.replay(status)
-                self.metrics.retries.labels(self.name, AUTH).inc()
-                token = await (credentials or self.tokens).reject(token)
-                continue
-            if verdict == TRANSIENT and not transient_retried and body.replayable:
-                if budget is None:
-                    budget = self.retry_budget()
-                pause = backoff_delay(
-                    budget.retries, config.retry.base_delay, config.retry.max_wait
+                    trace.attempt(self, method, target, headers, attempts)
+                upstream = await self.send(
+                    method, target, headers, body, fresh=fresh, stale_replay=stale_replay
                 )
-                if budget.allows(pause):
-                    # Retried once (IFS's MI_MODIFIED_ERROR: raised before anything executed).
-                    upstream.release()
-                    budget.retry()
-                    transient_retried = True
-                    self.metrics.retries.labels(self.name, TRANSIENT).inc()
-                    await self.pause(budget, TRANSIENT, pause)
+                if upstream is None:
+                    stale_replay = False
+                    fresh = True
+                    self.metrics.retries.labels(self.name, STALE_CONNECTION).inc()
                     continue
-            reason = should_retry(status, method)
-            if reason is not None and body.replayable:
-                if budget is None:
-                    budget = self.retry_budget()
-                wait = parse_retry_after(upstream.headers.get("Retry-After"), time.time())
-                if wait is None:
-                    wait = backoff_delay(
+                status = upstream.status
+                if trace is not None:
+                    trace.answered(status)
+                verdict: str | None = None
+                data: bytes | None = None  # the body, when a matcher had to read it
+                if status in self.rules.statuses:
+                    verdict, data = await self.inspect(upstream, method)
+                if (
+                    (status in self.auth_statuses or verdict == AUTH)
+                    and not auth_replayed
+                    and body.replayable
+                ):
+                    upstream.release()
+                    auth_replayed = True
+                    if trace is not None:
+                        trace.replay(status)
+                    self.metrics.retries.labels(self.name, AUTH).inc()
+                    token = await (credentials or self.tokens).reject(token)
+                    continue
+                if verdict == TRANSIENT and not transient_retried and body.replayable:
+                    if budget is None:
+                        budget = self.retry_budget()
+                    pause = backoff_delay(
                         budget.retries, config.retry.base_delay, config.retry.max_wait
                     )
-                if reason == RATE_LIMITED:
-                    # What it would sleep: its own wait, or a longer window open already.
-                    wait = max(wait, await self.coordinator.wait_window(self.name))
-                if budget.allows(wait):
-                    upstream.release()
-                    budget.retry()
-                    if trace is not None:
-                        trace.retry_wait(reason, status, wait)
-                    self.metrics.retries.labels(self.name, reason).inc()
+                    if budget.allows(pause):
+                        # Retried once (IFS's MI_MODIFIED_ERROR: raised before anything executed).
+                        upstream.release()
+                        budget.retry()
+                        transient_retried = True
+                        self.metrics.retries.labels(self.name, TRANSIENT).inc()
+                        await self.pause(budget, TRANSIENT, pause)
+                        continue
+                reason = should_retry(status, method)
+                if reason is not None and body.replayable:
+                    if budget is None:
+                        budget = self.retry_budget()
+                    wait = parse_retry_after(upstream.headers.get("Retry-After"), time.time())
+                    if wait is None:
+                        wait = backoff_delay(
+                            budget.retries, config.retry.base_delay, config.retry.max_wait
+                        )
                     if reason == RATE_LIMITED:
-                        # Every request to this connector waits out the same window, this
-                        # one in wait_turn at the top of the loop, charged to its budget.
-                        await self.coordinator.set_window(self.name, time.time() + wait)
-                    else:
-                        await self.pause(budget, reason, wait)
-                    continue
-            return upstream, data, attempts
+                        # What it would sleep: its own wait, or a longer window open already.
+                        wait = max(wait, await self.coordinator.wait_window(self.name))
+                    if budget.allows(wait):
+                        upstream.release()
+                        budget.retry()
+                        if trace is not None:
+                            trace.retry_wait(reason, status, wait)
+                        self.metrics.retries.labels(self.name, reason).inc()
+                        if reason == RATE_LIMITED:
+                            # Every request to this connector waits out the same window, this
+                            # one in wait_turn at the top of the loop, charged to its budget.
+                            await self.coordinator.set_window(self.name, time.time() + wait)
+                        else:
+                            await self.pause(budget, reason, wait)
+                        continue
+                return upstream, data, attempts
+        except ProxyError as exc:
+            exc.attempts = attempts  # for the access line: what was sent before it failed
+            raise
 
     async def inspect(self, upstream: Upstream, method: str) -> tuple[str | None, bytes | None]:
         """What the connector's matchers make of an answer (reading a small body if needed)."""

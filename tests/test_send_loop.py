@@ -52,3 +52,21 @@ async def test_each_retry_is_counted_and_in_the_access_line(
     [line] = [line for line in logs if line["event"] == "request"]
     assert (line["status"], line["attempts"]) == (200, 2)
     assert len(ifs_sim.api_requests) == 2
+
+
+async def test_a_retried_request_that_fails_shows_its_attempts(
+    ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+) -> None:
+    """A 401 replayed, then the ERP silent past ``timeout``: 504 upstream_timeout, and the
+    access line still says two attempts (one retry, counted)."""
+    server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file, timeout=0.5)})
+    await server.broker.wait_ready(5)
+    ifs_sim.queue_api_response(401)
+    ifs_sim.queue_api_response(200, delay=3)
+    with structlog.testing.capture_logs() as logs:
+        async with http.get(f"{server.proxy_url}/ifs/_test/echo/x") as resp:
+            assert resp.status == 504
+            assert resp.headers["X-Broker-Error"] == "upstream_timeout"
+    [line] = [line for line in logs if line["event"] == "request"]
+    assert (line["status"], line["attempts"]) == (504, 2)
+    assert metric(server, "erp_broker_retries_total", connector="ifs", reason="auth") == 1
