@@ -276,14 +276,10 @@ class Connector:
         series.request_duration.observe(elapsed)
 
     async def credential(self, source: CredentialSource | None = None) -> Token:
-        """A credential to send with: ``source``'s, else the token manager's (its cheap first
-        check needs no token request, nor a wait)."""
-        if source is not None:
-            return await source.get()
-        token = self.tokens.valid()
-        if token is None:
-            token = await self.tokens.get()
-        return token
+        """A credential to send with: ``source``'s, else the token manager's (waiting for a
+        token request if needed; :meth:`exchange` tries ``tokens.valid()`` first, which needs
+        no coroutine)."""
+        return await (self.tokens if source is None else source).get()
 
     async def exchange(
         self,
