@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -411,3 +412,25 @@ class TestThroughTheSendLoop:
                 assert resp.headers["X-Broker-Error"] == "discovery_failed"
                 message = (await resp.json())["error"]["message"]
         assert "the projection list" in message and "did not answer within 0.5s" in message
+
+    async def test_a_window_open_when_it_comes_is_charged_to_its_budget(
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
+    ) -> None:
+        """Discovery waits its turn like a proxied request: a 30 s rate-limit window with
+        retry.max_total 2 is not slept out; the listing fails at once naming the budget, and
+        the ERP sees nothing."""
+        server = await make_broker(
+            {"ifs": ifs_connector(ifs_sim, ca_file, retry={"max_total": 2})}
+        )
+        await server.broker.wait_ready(5)
+        await server.broker.coordinator.set_window("ifs", time.time() + 30)
+        async with asyncio.timeout(10):
+            async with http.get(f"{server.admin_url}/connectors/ifs/openapi") as resp:
+                assert resp.status == 502
+                message = (await resp.json())["error"]["message"]
+        assert "the projection list" in message and "retry.max_total" in message
+        assert ifs_sim.api_requests == []
