@@ -41,6 +41,7 @@ MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 CACHE_PREFIX = "openapi"
 
+
 def cache_key(connector: str, projection: str) -> str:
     return f"{CACHE_PREFIX}:{connector}:{projection}"
 

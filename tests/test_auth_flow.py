@@ -350,7 +350,11 @@ class TestTokenRetriesCounted:
         ifs_sim.revoke_refresh_tokens()
         async with http.post(f"{server.admin_url}/connectors/ifs/refresh") as resp:
             assert resp.status == 200
-        assert [r.grant for r in ifs_sim.token_requests] == ["password", "refresh_token", "password"]
+        assert [r.grant for r in ifs_sim.token_requests] == [
+            "password",
+            "refresh_token",
+            "password",
+        ]
         assert metric(server, "erp_broker_retries_total", connector="ifs", reason="auth") == 1
         assert metric(server, "erp_broker_retries_total", connector="ifs", reason="transient") == 0
 

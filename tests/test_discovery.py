@@ -348,9 +348,7 @@ class TestThroughTheSendLoop:
         """The projection list's first answer is retried; the listing then succeeds, the retry
         is counted once under its reason and a line says the list took two attempts."""
         matcher = {"status": 400, "body": "SESSION_GONE"}
-        server = await make_broker(
-            {"ifs": ifs_connector(ifs_sim, ca_file, auth_failure=[matcher])}
-        )
+        server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file, auth_failure=[matcher])})
         await server.broker.wait_ready(5)
         ifs_sim.queue_api_response(status, headers=headers, body=body)
         with structlog.testing.capture_logs() as logs:
@@ -358,7 +356,9 @@ class TestThroughTheSendLoop:
                 assert resp.status == 200
                 assert (await resp.json())["failed"] == 0
         assert metric(server, "erp_broker_retries_total", connector="ifs", reason=reason) == 1
-        others = [r for r in ("auth", "rate_limited", "gateway_timeout", "transient") if r != reason]
+        others = [
+            r for r in ("auth", "rate_limited", "gateway_timeout", "transient") if r != reason
+        ]
         for other in others:
             assert metric(server, "erp_broker_retries_total", connector="ifs", reason=other) == 0
         lines = [line for line in logs if line["event"] == "discovery_retried"]
@@ -377,9 +377,7 @@ class TestThroughTheSendLoop:
     ) -> None:
         """A 429 whose Retry-After is longer than retry.max_total: the send loop gives the 429
         back at once (no retry counted), and discovery reports it as that projection's error."""
-        server = await make_broker(
-            {"ifs": ifs_connector(ifs_sim, ca_file, retry={"max_total": 2})}
-        )
+        server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file, retry={"max_total": 2})})
         await server.broker.wait_ready(5)
         ifs_sim.queue_api_response(200, body=LISTING)
         ifs_sim.queue_api_response(429, headers={"Retry-After": "30"})
@@ -423,9 +421,7 @@ class TestThroughTheSendLoop:
         """Discovery waits its turn like a proxied request: a 30 s rate-limit window with
         retry.max_total 2 is not slept out; the listing fails at once naming the budget, and
         the ERP sees nothing."""
-        server = await make_broker(
-            {"ifs": ifs_connector(ifs_sim, ca_file, retry={"max_total": 2})}
-        )
+        server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file, retry={"max_total": 2})})
         await server.broker.wait_ready(5)
         await server.broker.coordinator.set_window("ifs", time.time() + 30)
         async with asyncio.timeout(10):
