@@ -203,8 +203,10 @@ class Discovery:
         with reading(upstream):
             body = data if data is not None else await self._read_limited(upstream, target)
         upstream.release()
-        if attempts > 1:  # the send loop retried it: counted, and said (the CLI's stdout is
-            log.info(  # the listing, so a line for every document would be noise)
+        # Said when the send loop retried it (also counted there); a line for every document
+        # would be noise: an instance has thousands.
+        if attempts > 1:
+            log.info(
                 "discovery_retried",
                 connector=self.name,
                 method="GET",
