@@ -3,19 +3,29 @@
     python -m bench.profile [--seconds 8] [--runs 5] TARGET...
     python -m bench.profile --py-spy out.svg erp-broker
 
-TARGET is ``minimal``, ``nginx``, ``erp-broker``, or ``erp-broker@/path`` — a broker whose
-``broker`` package is imported from /path (a copy of an older tree: the before of an
-optimisation). ``erp-broker+tracing`` has ``tracing`` configured, exporting to a collector that
-takes everything (bench.sink, on the load core); ``erp-broker+tracing-dead`` to a port where
-nothing listens (either may end in ``@/path`` too). Every target is started as in the benchmark (pinned to core 0) and loaded in
-turn by wrk, run after run; the median req/s and CPU µs per request are printed. With
-``--py-spy`` the first target is recorded with py-spy (``pip install py-spy``): an SVG flame
-graph, or raw collapsed stacks for a ``.txt`` name.
+TARGET is ``minimal``, ``nginx`` or ``erp-broker`` (each also as ``minimal/TLS`` and so on:
+HTTPS to the origin), or ``erp-broker@/path``: a broker whose ``broker`` package is imported
+from /path (a copy of an older tree: the before of an optimisation). A broker target may carry
+variants, to price each optional feature in one run (they combine, and may end in ``@/path``):
+
+* ``erp-broker+tracing``: ``tracing`` exporting to a collector that takes everything
+  (bench.sink, on the load core); ``+tracing-dead``: to a port where nothing listens;
+* ``erp-broker+no-links``: ``rewrite_links: false`` (the benchmark's ``ifs_apps10`` connector
+  has it on, as ``ifs_apps10`` connectors do by default);
+* ``erp-broker+encrypted``: ``store.encryption_key`` set, tokens encrypted at rest;
+* ``erp-broker+tls``: HTTPS to the origin, verified with the benchmark's CA (``ca_file``).
+
+Every target is started as in the benchmark (pinned to core 0) and loaded in turn by wrk, run
+after run; the median req/s and CPU µs per request are printed. With ``--py-spy`` the first
+target is recorded with py-spy (``pip install py-spy``): an SVG flame graph, or raw collapsed
+stacks for a ``.txt`` name.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import os
 import shutil
 import statistics
 import subprocess
@@ -27,20 +37,29 @@ import yaml
 from .procs import LOAD_CPU, SUT_CPU, free_port
 from .runner import Bench, Settings, Target, preflight, workdir, wrk
 
+#: What may follow "erp-broker+" in a target (combined with "+").
+VARIANTS = {"tracing", "tracing-dead", "no-links", "encrypted", "tls"}
+
 
 def start(bench: Bench, spec: str, targets: dict[str, Target]) -> Target:
     if spec in targets:
         return targets[spec]
     name, _, path = spec.partition("@")
-    name, _, variant = name.partition("+")
-    if name != "erp-broker" or not (path or variant in ("tracing", "tracing-dead")):
-        raise SystemExit(f"unknown target {spec!r}")
-    config, port, admin = bench.broker_config(f"broker-{len(bench.procs)}", bench.token_url)
-    if variant:
-        endpoint = bench.sink if variant == "tracing" else f"http://127.0.0.1:{free_port()}"
-        data = yaml.safe_load(config.read_text())
+    name, *variants = name.split("+")
+    if name != "erp-broker" or not (path or variants) or not set(variants) <= VARIANTS:
+        raise SystemExit(f"unknown target {spec!r} (variants: {', '.join(sorted(VARIANTS))})")
+    config, port, admin = bench.broker_config(
+        f"broker-{len(bench.procs)}", bench.token_url, tls="tls" in variants
+    )
+    data = yaml.safe_load(config.read_text())
+    if "tracing" in variants or "tracing-dead" in variants:
+        endpoint = bench.sink if "tracing" in variants else f"http://127.0.0.1:{free_port()}"
         data["tracing"] = {"otlp_endpoint": endpoint, "sample_ratio": 1.0}
-        config.write_text(yaml.safe_dump(data, sort_keys=False))
+    if "no-links" in variants:
+        data["connectors"]["origin"]["rewrite_links"] = False
+    if "encrypted" in variants:
+        data["store"]["encryption_key"] = base64.b64encode(os.urandom(32)).decode("ascii")
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
     exe = shutil.which("erp-broker")
     argv = [exe, "run"] if exe else [sys.executable, "-m", "broker", "run"]
     # PYTHONPATH wins over the installed package for the console script.
@@ -72,6 +91,8 @@ def main() -> int:
             bench.token_url = bench.start_token_server("token-server", 3600)
             bench.token = bench.fetch_token(bench.token_url)
             standard = {t.name: t for t in bench.targets()}
+            if any(spec.endswith("/TLS") for spec in args.targets):  # minimal/TLS, nginx/TLS
+                standard |= {t.name: t for t in bench.targets(tls=True)}
             chosen = [start(bench, spec, standard) for spec in args.targets]
             for target in chosen:
                 bench.check(target)
