@@ -177,16 +177,7 @@ async def openapi(request: web.Request) -> web.Response:
         _require_operator(request)  # it makes the ERP serve every document again
     projection = request.query.get("projection") or None
     discovery = Discovery(
-        target.name,
-        config,
-        target.route,
-        target.session,
-        target.tokens,
-        target.authenticator.apply,
-        request.app[SERVER].broker.store,
-        auth_statuses=target.auth_statuses,
-        before_send=target.wait_turn,
-        broker_url=request.app[SERVER].proxy_url,
+        target, request.app[SERVER].broker.store, broker_url=request.app[SERVER].proxy_url
     )
     result = await discovery.run(projection, refresh=refresh)
     failed = projection is not None and bool(result.failed)

@@ -109,6 +109,8 @@ def cmd_discover(args: argparse.Namespace) -> int:
     from .commands import discover
 
     config = _load(args)
+    # stdout is the listing: the broker's log lines (warnings, unless asked) go to stderr.
+    configure_logging(args.log_level or "warning", args.log_format or "auto", stream=sys.stderr)
     return _run_async(discover(config, args.name, args.projection, args.format, args.refresh))
 
 

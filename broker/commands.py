@@ -159,12 +159,15 @@ async def discover(
     """
     from .app import listen_url
     from .config import IfsApps10Config
-    from .connectors import build_authenticator
-    from .direct import FreshCredentials, direct_session
+    from .coordinator import LocalCoordinator
+    from .direct import FreshCredentials
     from .discovery import Discovery, render_table
     from .errors import BrokerError, ProxyError, StoreError, TokenError
+    from .metrics import Metrics
     from .stores import open_store
+    from .stores.memory import MemoryStore
     from .types import TokenStore
+    from .upstream import Connector
 
     if name not in config.connectors:
         return _unknown(config, name, "discover")
@@ -181,25 +184,23 @@ async def discover(
     except StoreError as exc:
         print(f"warning: the store cannot be used, nothing is cached: {exc}", file=sys.stderr)
         store = None
+    # The connector as a broker runs it, but on its own: a fresh login, nothing shared.
+    upstream = Connector(
+        name, connector, config.route_of(name), MemoryStore(), LocalCoordinator(), Metrics()
+    )
     try:
-        async with direct_session(connector) as session:
-            authenticator = build_authenticator(connector, session, time.time)
-            credentials = FreshCredentials(authenticator, timeout=connector.token_timeout)
-            discovery = Discovery(
-                name,
-                connector,
-                config.route_of(name),
-                session,
-                credentials,
-                authenticator.apply,
-                store,
-                auth_statuses=frozenset({401, *connector.auth_failure_statuses}),
-                broker_url=listen_url(*config.listen_address),
-            )
-            try:
-                result = await discovery.run(projection, refresh=refresh)
-            finally:
-                await credentials.close()
+        credentials = FreshCredentials(upstream.authenticator, timeout=connector.token_timeout)
+        discovery = Discovery(
+            upstream,
+            store,
+            credentials=credentials,
+            broker_url=listen_url(*config.listen_address),
+        )
+        try:
+            result = await discovery.run(projection, refresh=refresh)
+        finally:
+            await credentials.close()
+            await upstream.close(revoke=False)
     except (TokenError, ProxyError) as exc:
         message = exc.message if isinstance(exc, ProxyError) else f"login failed: {exc}"
         print(f"discover: {name}: {message}", file=sys.stderr)

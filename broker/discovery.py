@@ -11,21 +11,26 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
 import orjson
 import structlog
 from multidict import CIMultiDict
-from yarl import URL
 
 from .config import IfsApps10Config
-from .credential import Token
-from .errors import DiscoveryFailed, ProxyError, TokenError
+from .errors import (
+    DiscoveryFailed,
+    ProxyError,
+    RateLimited,
+    TokenError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from .http1 import Response as Upstream
 from .types import Clock, CredentialSource, TokenStore
+from .upstream import NO_BODY, Connector, reading
 
 log = structlog.get_logger("broker.discovery")
 
@@ -35,8 +40,6 @@ DEFAULT_CONCURRENCY = 4
 MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 CACHE_PREFIX = "openapi"
-
-Apply = Callable[[CIMultiDict[str], Token], None]
 
 
 def cache_key(connector: str, projection: str) -> str:
@@ -155,97 +158,82 @@ class DiscoveryResult:
 
 
 class Discovery:
-    """Discovery for one ``ifs_apps10`` connector, with whatever credential source it is given:
-    the running connector's token manager (admin API) or a fresh login (command line)."""
+    """Discovery for one ``ifs_apps10`` connector. Every request goes through the connector's
+    send loop (:meth:`Connector.exchange`: its pool, its retries, counted), with the connector's
+    credential (admin API) or the ``credentials`` given (command line: a fresh login)."""
 
     def __init__(
         self,
-        name: str,
-        config: IfsApps10Config,
-        route: str,
-        session: aiohttp.ClientSession,
-        credentials: CredentialSource,
-        apply: Apply,
+        connector: Connector,
         store: TokenStore | None,
         *,
-        auth_statuses: frozenset[int] = frozenset({401}),
-        before_send: Callable[[], Awaitable[None]] | None = None,
+        credentials: CredentialSource | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
         clock: Clock = time.time,
         broker_url: str = "",
     ) -> None:
-        self.name = name
+        config = connector.config
+        if not isinstance(config, IfsApps10Config):
+            raise TypeError(f"API discovery is for ifs_apps10 connectors, not {config.type}")
+        self.name = connector.name
         self.config = config
-        self.route = route
-        self.base = config.upstream_base().rstrip("/")
+        self.route = connector.route
+        self.base = connector.base
         #: The broker's proxy URL (``http://127.0.0.1:8080``): operations are shown under it.
         self.broker_url = broker_url.rstrip("/")
-        self._session = session
+        self._connector = connector
         self._credentials = credentials
-        self._apply = apply
         self._store = store
-        self._auth_statuses = auth_statuses
-        self._before_send = before_send
         self._concurrency = concurrency
         self._clock = clock
 
     # -- HTTP ----------------------------------------------------------------------------------
 
     async def _get(self, path: str) -> tuple[int, bytes]:
-        """GET ``<base>/<path>`` with the credential; once more with a new one after a 401."""
-        url = URL(f"{self.base}/{path.lstrip('/')}", encoded=True)
-        token = await self._credentials.get()
-        status, body = await self._send(url, token)
-        if status in self._auth_statuses:
-            token = await self._credentials.reject(token)
-            status, body = await self._send(url, token)
-        return status, body
-
-    async def _send(self, url: URL, token: Token) -> tuple[int, bytes]:
-        if self._before_send is not None:
-            await self._before_send()
-        # identity: the connector's session does not decompress (the proxy passes bytes on).
+        """GET ``<base>/<path>`` through the send loop: the ERP's last answer and its body."""
+        connector = self._connector
+        target = connector.target_for(path.lstrip("/"), "")
+        # identity: documents are read whole here, never decompressed.
         headers: CIMultiDict[str] = CIMultiDict(
             {"Accept": "application/json", "Accept-Encoding": "identity"}
         )
-        self._apply(headers, token)
-        try:
-            async with asyncio.timeout(self.config.timeout):
-                async with self._session.get(
-                    url, headers=headers, allow_redirects=False
-                ) as response:
-                    return response.status, await self._read_limited(response)
-        except TimeoutError:
-            raise DiscoveryFailed(
-                f"{url.path}: the ERP did not answer within {self.config.timeout:g}s",
+        upstream, data, attempts = await connector.exchange(
+            "GET", target, headers, NO_BODY, credentials=self._credentials
+        )
+        with reading(upstream):
+            body = data if data is not None else await self._read_limited(upstream, target)
+        upstream.release()
+        # Said when the send loop retried it (also counted there); a line for every document
+        # would be noise: an instance has thousands.
+        if attempts > 1:
+            log.info(
+                "discovery_retried",
                 connector=self.name,
-            ) from None
-        except aiohttp.ClientSSLError as exc:
-            raise DiscoveryFailed(
-                f"TLS error talking to {url.host} ({type(exc).__name__}): check ca_file",
-                connector=self.name,
-            ) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise DiscoveryFailed(
-                f"cannot reach {url.host}: {type(exc).__name__}", connector=self.name
-            ) from None
+                method="GET",
+                path=target,
+                status=upstream.status,
+                attempts=attempts,
+            )
+        return upstream.status, body
 
-    async def _read_limited(self, response: aiohttp.ClientResponse) -> bytes:
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in response.content.iter_chunked(64 * 1024):
-            size += len(chunk)
-            if size > MAX_DOCUMENT_BYTES:
+    async def _read_limited(self, upstream: Upstream, target: str) -> bytes:
+        document = bytearray()
+        async for chunk in upstream.iter_any():
+            document += chunk
+            if len(document) > MAX_DOCUMENT_BYTES:
                 raise DiscoveryFailed(
-                    f"{response.url.path}: the answer is larger than "
+                    f"{target}: the answer is larger than "
                     f"{MAX_DOCUMENT_BYTES // (1024 * 1024)} MiB",
                     connector=self.name,
                 )
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return bytes(document)
 
     async def _get_json(self, path: str, what: str) -> Any:
-        status, body = await self._get(path)
+        try:
+            status, body = await self._get(path)
+        except (UpstreamTimeout, UpstreamUnreachable, RateLimited) as exc:
+            # The send loop's failures to get an answer: this document's, named as such.
+            raise DiscoveryFailed(f"{what}: {exc.message}", connector=self.name) from None
         if status != 200:
             raise DiscoveryFailed(
                 f"{what}: the ERP answered {status}{_odata_detail(body)}", connector=self.name
@@ -289,7 +277,7 @@ class Discovery:
         listing_error: str | None = None
         try:
             listed = await self.list_projections()
-        except DiscoveryFailed as exc:
+        except ProxyError as exc:
             # A named projection may still be readable when the list is not (permissions).
             if projection is None:
                 raise

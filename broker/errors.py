@@ -92,6 +92,8 @@ class ProxyError(BrokerError):
 
     status = 500
     code = "internal_error"
+    #: Requests sent to the ERP before it happened (the send loop sets it; the access line).
+    attempts = 0
 
     def __init__(self, message: str, *, connector: str | None = None) -> None:
         super().__init__(message)

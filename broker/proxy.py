@@ -1,21 +1,17 @@
-"""The proxy listener: routing, header filtering, streaming, and the one send loop.
+"""The proxy listener: routing, header filtering, reading the app's body, streaming the answer.
 
-The send loop in :meth:`Proxy.forward` owns the whole retry policy — one replay after a
-rejected credential, 429 for every method, 504 for idempotent methods only — so no other code
-ever sends a request twice.
+Each request is sent through its connector's send loop (:meth:`Connector.exchange` in
+``upstream.py``), which owns the whole retry policy for the proxy and API discovery alike.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import os
 import re
-import ssl
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
@@ -28,27 +24,13 @@ from .errors import (
     BadRequest,
     NoRoute,
     ProxyError,
-    UpstreamTimeout,
-    UpstreamUnreachable,
 )
 from .flow import answer_has_body
-from .http1 import InvalidHeader, StaleConnection, UpstreamError
 from .http1 import Response as Upstream
 from .links import LinkRewriter
 from .logs import info_line
-from .retry import (
-    AUTH,
-    IDEMPOTENT_METHODS,
-    RATE_LIMITED,
-    STALE_CONNECTION,
-    TRANSIENT,
-    RetryBudget,
-    backoff_delay,
-    parse_retry_after,
-    should_retry,
-)
 from .server import BodyReader, Refusal, Request, Response
-from .upstream import Connector
+from .upstream import NO_BODY, Body, Connector, reading
 
 if TYPE_CHECKING:
     from .tracing import RequestTrace, Tracing
@@ -138,26 +120,6 @@ def request_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
     return CIMultiDict(_without(headers, _REQUEST_DROP))
 
 
-@dataclass(slots=True)
-class Body:
-    """A request body: kept in memory when small enough to replay, else streamed once."""
-
-    data: bytes | None
-    stream: AsyncIterator[bytes] | None = None
-    length: int | None = None
-
-    @property
-    def replayable(self) -> bool:
-        return self.stream is None
-
-    def payload(self) -> bytes | AsyncIterator[bytes] | None:
-        return self.data if self.stream is None else self.stream
-
-
-#: The body of every request without one (never mutated).
-NO_BODY = Body(data=None)
-
-
 async def read_body(request: Request, limit: int) -> Body:
     """Buffer up to ``limit`` bytes for replay; stream anything larger."""
     if not request.body_exists:
@@ -183,24 +145,6 @@ async def _iter_content(content: BodyReader, prefix: bytes) -> AsyncIterator[byt
         yield prefix
     while chunk := await content.readany():
         yield chunk
-
-
-@contextlib.contextmanager
-def _reading(upstream: Upstream) -> Iterator[None]:
-    """Around reading an ERP answer's body: its failures become broker errors, and a body left
-    half-read (any failure, a cancelled request too) closes the connection: it never goes back
-    to the pool."""
-    try:
-        yield
-    except TimeoutError:  # the ERP's (UpstreamReadTimeout); the app's are ConnectionErrors
-        upstream.close()
-        raise UpstreamTimeout("the ERP stopped sending its response") from None
-    except UpstreamError as exc:
-        upstream.close()
-        raise UpstreamUnreachable(f"the ERP broke off its response: {exc}") from None
-    except BaseException:
-        upstream.close()
-        raise
 
 
 class Router:
@@ -269,6 +213,7 @@ class Proxy:
                 if exc.connector is None and connector is not None:
                     exc.connector = connector.name
                 error = exc.code
+                attempts = exc.attempts
                 log.info(
                     "broker_error",
                     code=exc.code,
@@ -296,8 +241,7 @@ class Proxy:
                 self.idle.set()
             elapsed = time.perf_counter() - started
             if connector is not None:
-                connector.series.count_request(request.method, status)
-                connector.series.request_duration.observe(elapsed)
+                connector.record(request.method, status, elapsed)
             if trace is not None:
                 trace.finish(
                     status, attempts, error, connector.credential_id if connector else None
@@ -346,168 +290,20 @@ class Proxy:
         request_id: str,
         trace: RequestTrace | None = None,
     ) -> tuple[Response | None, int, int]:
-        """Send the request to the ERP, replaying it when the policy says so; stream the answer.
-
-        Every wait of the request -- out a rate-limit window (its own 429's, or one open when it
-        came or made longer meanwhile by others) and every backoff -- is charged to its one
-        :class:`RetryBudget`, made when first needed, so ``retry.max_total`` bounds the time it
-        waits in all. When the budget cannot take a wait: with the ERP's 429/504 in hand (the
-        wait it asks for, or the window already open, is too long, or the retries are spent),
-        that answer goes back as it came; with no answer in hand (the request is about to be
-        sent and the open window is longer than its budget has left), the broker answers 429
-        ``rate_limited`` at once (:meth:`Connector.wait_turn`) rather than sleep it out.
-        """
-        method = request.method
+        """Send the request to the ERP through its connector's send loop
+        (:meth:`Connector.exchange`, where every retry is decided), and stream the answer."""
         target = connector.target_for(rest, query)
         headers = request_headers(request.headers)
         headers[REQUEST_ID] = request_id
-        config = connector.config
         if request.body_exists:
-            body = await read_body(request, config.replay_max_bytes)
+            body = await read_body(request, connector.config.replay_max_bytes)
         else:
             body = NO_BODY  # most requests: no coroutine to learn there is nothing to read
-        budget: RetryBudget | None = None  # made on the first 429/504: most requests need none
-        # The token and the turn are synchronous checks when nothing needs waiting for.
-        token = connector.tokens.valid()
-        if token is None:
-            token = await connector.tokens.get()
-        auth_replayed = transient_retried = False
-        # A request found a pooled connection closed by the ERP is sent once more, on a new
-        # connection, when that is safe (the ERP never saw it; idempotent, body replayable).
-        stale_replay = method in IDEMPOTENT_METHODS and body.replayable
-        fresh = False
-        attempts = 0
-        while True:
-            if not connector.turn_ready():
-                if budget is None:
-                    budget = connector.retry_budget()
-                await connector.wait_turn(budget)  # a window too long for it: rate_limited
-            connector.authenticator.apply(headers, token)
-            attempts += 1
-            if trace is not None:
-                trace.attempt(connector, method, target, headers, attempts)
-            upstream = await self._send(
-                connector, method, target, headers, body, fresh=fresh, stale_replay=stale_replay
-            )
-            if upstream is None:
-                stale_replay = False
-                fresh = True
-                connector.metrics.retries.labels(connector.name, STALE_CONNECTION).inc()
-                continue
-            status = upstream.status
-            if trace is not None:
-                trace.answered(status)
-            verdict: str | None = None
-            data: bytes | None = None  # the body, when a matcher had to read it
-            if status in connector.rules.statuses:
-                verdict, data = await self._inspect(connector, upstream, method)
-            if (
-                (status in connector.auth_statuses or verdict == AUTH)
-                and not auth_replayed
-                and body.replayable
-            ):
-                upstream.release()
-                auth_replayed = True
-                if trace is not None:
-                    trace.replay(status)
-                connector.metrics.retries.labels(connector.name, AUTH).inc()
-                token = await connector.tokens.reject(token)
-                continue
-            if verdict == TRANSIENT and not transient_retried and body.replayable:
-                if budget is None:
-                    budget = connector.retry_budget()
-                pause = backoff_delay(
-                    budget.retries, config.retry.base_delay, config.retry.max_wait
-                )
-                if budget.allows(pause):
-                    # Retried once (IFS's MI_MODIFIED_ERROR: raised before anything executed).
-                    upstream.release()
-                    budget.retry()
-                    transient_retried = True
-                    connector.metrics.retries.labels(connector.name, TRANSIENT).inc()
-                    await connector.pause(budget, TRANSIENT, pause)
-                    continue
-            reason = should_retry(status, method)
-            if reason is not None and body.replayable:
-                if budget is None:
-                    budget = connector.retry_budget()
-                wait = parse_retry_after(upstream.headers.get("Retry-After"), time.time())
-                if wait is None:
-                    wait = backoff_delay(
-                        budget.retries, config.retry.base_delay, config.retry.max_wait
-                    )
-                if reason == RATE_LIMITED:
-                    # What it would sleep: its own wait, or a longer window open already.
-                    wait = max(wait, await connector.coordinator.wait_window(connector.name))
-                if budget.allows(wait):
-                    upstream.release()
-                    budget.retry()
-                    if trace is not None:
-                        trace.retry_wait(reason, status, wait)
-                    connector.metrics.retries.labels(connector.name, reason).inc()
-                    if reason == RATE_LIMITED:
-                        # Every request to this connector waits out the same window, this
-                        # one in wait_turn at the top of the loop, charged to its budget.
-                        await connector.coordinator.set_window(connector.name, time.time() + wait)
-                    else:
-                        await connector.pause(budget, reason, wait)
-                    continue
-            answer = await self._stream_back(request, upstream, request_id, connector.links, data)
-            return answer, status, attempts
-
-    @staticmethod
-    async def _inspect(
-        connector: Connector, upstream: Upstream, method: str
-    ) -> tuple[str | None, bytes | None]:
-        """What the connector's matchers make of an answer (reading a small body if needed)."""
-        with _reading(upstream):
-            return await connector.rules.verdict(upstream, method)
-
-    async def _send(
-        self,
-        connector: Connector,
-        method: str,
-        target: str,
-        headers: CIMultiDict[str],
-        body: Body,
-        *,
-        fresh: bool = False,
-        stale_replay: bool = False,
-    ) -> Upstream | None:
-        """The ERP's answer; None when the pooled connection was stale and ``stale_replay``
-        allows sending again."""
-        started = time.perf_counter()
-        try:
-            return await connector.pool.request(
-                method, target, headers.items(), body.payload(), length=body.length, fresh=fresh
-            )
-        except StaleConnection:
-            if stale_replay:
-                return None
-            raise UpstreamUnreachable(
-                f"cannot reach {connector.host}: the ERP closed the connection",
-                connector=connector.name,
-            ) from None
-        except TimeoutError:
-            raise UpstreamTimeout(
-                f"the ERP did not answer within {connector.config.timeout:g}s",
-                connector=connector.name,
-            ) from None
-        except ssl.SSLError as exc:
-            raise UpstreamUnreachable(
-                f"TLS error talking to {connector.host} ({type(exc).__name__}): check ca_file "
-                "or the server certificate",
-                connector=connector.name,
-            ) from None
-        except InvalidHeader as exc:
-            raise UpstreamUnreachable(str(exc), connector=connector.name) from None
-        except (UpstreamError, OSError) as exc:
-            raise UpstreamUnreachable(
-                f"cannot reach {connector.host}: {exc or type(exc).__name__}",
-                connector=connector.name,
-            ) from None
-        finally:
-            connector.series.upstream_duration.observe(time.perf_counter() - started)
+        upstream, data, attempts = await connector.exchange(
+            request.method, target, headers, body, trace
+        )
+        answer = await self._stream_back(request, upstream, request_id, connector.links, data)
+        return answer, upstream.status, attempts
 
     @staticmethod
     async def _stream_back(
@@ -538,7 +334,7 @@ class Proxy:
         small = (
             length is not None and length <= SMALL_BODY and answer_has_body(request.method, status)
         )
-        with _reading(upstream):
+        with reading(upstream):
             if small:
                 # A small body of known length: read whole and answered in one write. The
                 # headers (Content-Encoding among them) go out as they came, with the

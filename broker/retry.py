@@ -96,10 +96,22 @@ class RetryBudget:
         """Seconds the request actually waited."""
         self.waited += seconds
 
-    def spend(self, wait: float) -> None:
-        """One retry and its wait at once."""
-        self.retry()
-        self.charge(wait)
+
+#: Token requests (``TokenManager``): after a transient failure of the token endpoint
+#: (unreachable, too slow, a 5xx) the next one waits 1, 2, 4 … seconds with full jitter, at
+#: least ``TOKEN_BACKOFF_MIN`` and at most ``TOKEN_BACKOFF_MAX``; that request is a
+#: ``transient`` retry. A refresh the ERP rejects is followed by one login: an ``auth`` retry.
+TOKEN_BACKOFF_BASE = 1.0
+TOKEN_BACKOFF_MIN = 0.5
+TOKEN_BACKOFF_MAX = 60.0
+
+
+def token_retry_delay(failures: int, rng: random.Random | None = None) -> float:
+    """Seconds before the next token request after ``failures`` transient failures in a row
+    (0 for the first failure: 1 s at most)."""
+    return max(
+        TOKEN_BACKOFF_MIN, backoff_delay(failures, TOKEN_BACKOFF_BASE, TOKEN_BACKOFF_MAX, rng)
+    )
 
 
 def should_retry(status: int, method: str) -> str | None:

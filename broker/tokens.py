@@ -33,13 +33,11 @@ from .errors import (
 )
 from .governor import CLEAR, LoginBackoffPolicy, LoginGovernor, LoginState
 from .metrics import Metrics
-from .retry import backoff_delay
+from .retry import AUTH, TRANSIENT, token_retry_delay
 from .types import Authenticator, Clock, Coordinator, TokenStore, TokenTracer
 
 log = structlog.get_logger("broker.tokens")
 
-#: Transient token-endpoint failures are retried after 1, 2, 4 … seconds, at most this long.
-TRANSIENT_BACKOFF_MAX = 60.0
 #: Longest automatic refresh-ahead margin (a 2-hour Infor token refreshes 5 minutes early).
 MAX_REFRESH_AHEAD = 300.0
 
@@ -329,13 +327,16 @@ class TokenManager:
                 return newest
             previous = newest or self._current
             now = self._clock()
+            if self._transient_failures:  # the token request again, after the policy's wait
+                self._metrics.retries.labels(self.name, TRANSIENT).inc()
             try:
                 token: Token | None = None
                 if previous is not None and previous.refresh_usable(now):
                     try:
                         token = await self._call("refresh_token", self._auth.refresh(previous))
                     except RefreshRejected as exc:
-                        # Not a credential rejection: one fresh login follows.
+                        # Not a credential rejection: one fresh login follows (a retry).
+                        self._metrics.retries.labels(self.name, AUTH).inc()
                         log.info(
                             "refresh_rejected", connector=self.name, cause=exc.cause, error=str(exc)
                         )
@@ -518,10 +519,7 @@ class TokenManager:
         )
 
     def _on_transient(self, exc: TokenError) -> None:
-        delay = max(
-            0.5,
-            backoff_delay(self._transient_failures, 1.0, TRANSIENT_BACKOFF_MAX, self._rng),
-        )
+        delay = token_retry_delay(self._transient_failures, self._rng)
         self._transient_failures += 1
         self._retry_at = time.monotonic() + delay
         self._record_error(exc)

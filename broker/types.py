@@ -10,6 +10,8 @@
   the request budget. Local (one process) or Redis (many replicas).
 * :class:`TokenTracer` — the spans of token waits and token requests (``broker/tracing.py``,
   present only when ``tracing`` is configured).
+* :class:`AttemptTracer` — the send loop's hooks into one request's trace (its attempts,
+  replays and retry waits).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from multidict import CIMultiDict
 
@@ -59,6 +61,24 @@ class CredentialSource(Protocol):
     async def reject(self, token: Token) -> Token:
         """``token`` was refused (401): return another, obtaining one if needed."""
         ...
+
+
+class AttemptTracer(Protocol):
+    """What the send loop tells one request's trace (``tracing.RequestTrace``)."""
+
+    def attempt(
+        self, connector: Any, method: str, target: str, headers: CIMultiDict[str], n: int
+    ) -> None:
+        """Attempt ``n`` (from 1) is about to go to the ERP with ``headers``."""
+        ...
+
+    def answered(self, status: int) -> None: ...
+
+    def replay(self, status: int) -> None:
+        """The ERP refused the credential: the request goes again with a new one."""
+        ...
+
+    def retry_wait(self, reason: str, status: int, seconds: float) -> None: ...
 
 
 class TokenStore(Protocol):

@@ -1,4 +1,6 @@
-"""One configured ERP at run time: its connections, its credential, its rate-limit state."""
+"""One configured ERP at run time: its connections, its credential, its rate-limit state, and
+the one send loop (:meth:`Connector.exchange`) every request to it goes through: the proxy's and
+API discovery's."""
 
 from __future__ import annotations
 
@@ -8,22 +10,46 @@ import datetime
 import functools
 import ssl
 import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 
 import aiohttp
 import structlog
+from multidict import CIMultiDict
 from yarl import URL
 
 from .audit import credential_id
 from .config import ConnectorConfig, IfsApps10Config, InforIonConfig, fingerprint
 from .connectors import build_authenticator
-from .errors import RateLimited
-from .http1 import Pool
+from .credential import Token
+from .errors import ProxyError, RateLimited, UpstreamTimeout, UpstreamUnreachable
+from .http1 import InvalidHeader, Pool, StaleConnection, UpstreamError
+from .http1 import Response as Upstream
 from .links import LinkRewriter
 from .matchers import ResponseRules
 from .metrics import ConnectorSeries, Metrics
-from .retry import GATEWAY_TIMEOUT, RATE_LIMITED, RETRY_REASONS, TRANSIENT, RetryBudget
+from .retry import (
+    AUTH,
+    GATEWAY_TIMEOUT,
+    IDEMPOTENT_METHODS,
+    RATE_LIMITED,
+    RETRY_REASONS,
+    STALE_CONNECTION,
+    TRANSIENT,
+    RetryBudget,
+    backoff_delay,
+    parse_retry_after,
+    should_retry,
+)
 from .tokens import TokenManager, TokenPolicy
-from .types import Authenticator, Clock, Coordinator, TokenStore
+from .types import (
+    AttemptTracer,
+    Authenticator,
+    Clock,
+    Coordinator,
+    CredentialSource,
+    TokenStore,
+)
 
 log = structlog.get_logger("broker.upstream")
 
@@ -59,8 +85,49 @@ def system_ca_context() -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
+@dataclass(slots=True)
+class Body:
+    """A request body: kept in memory when small enough to replay, else streamed once."""
+
+    data: bytes | None
+    stream: AsyncIterator[bytes] | None = None
+    length: int | None = None
+
+    @property
+    def replayable(self) -> bool:
+        return self.stream is None
+
+    def payload(self) -> bytes | AsyncIterator[bytes] | None:
+        return self.data if self.stream is None else self.stream
+
+
+#: The body of every request without one (never mutated).
+NO_BODY = Body(data=None)
+
+
+@contextlib.contextmanager
+def reading(upstream: Upstream) -> Iterator[None]:
+    """Around reading an ERP answer's body: its failures become broker errors, and a body left
+    half-read (any failure, a cancelled request too) closes the connection: it never goes back
+    to the pool."""
+    try:
+        yield
+    except TimeoutError:  # the ERP's (UpstreamReadTimeout); the app's are ConnectionErrors
+        upstream.close()
+        raise UpstreamTimeout("the ERP stopped sending its response") from None
+    except UpstreamError as exc:
+        upstream.close()
+        raise UpstreamUnreachable(f"the ERP broke off its response: {exc}") from None
+    except BaseException:
+        upstream.close()
+        raise
+
+
 class Connector:
-    """Everything the proxy needs to send one request to one ERP."""
+    """One ERP, as the proxy and API discovery ask for it: :meth:`exchange` (the send loop:
+    a credential, a turn, the attempts, every retry), :meth:`target_for` and :meth:`record`.
+    Its parts (``tokens``, ``pool``, ``authenticator``, ``coordinator``, ``rules``) stay behind
+    those methods."""
 
     def __init__(
         self,
@@ -202,6 +269,189 @@ class Connector:
         target = f"{self.base_path}/{rest}"
         return f"{target}?{query}" if query else target
 
+    def record(self, method: str, status: int, elapsed: float) -> None:
+        """One request answered: ``erp_broker_requests_total`` and its duration."""
+        series = self.series
+        series.count_request(method, status)
+        series.request_duration.observe(elapsed)
+
+    async def credential(self, source: CredentialSource | None = None) -> Token:
+        """A credential to send with: ``source``'s, else the token manager's (waiting for a
+        token request if needed; :meth:`exchange` tries ``tokens.valid()`` first, which needs
+        no coroutine)."""
+        return await (self.tokens if source is None else source).get()
+
+    async def exchange(
+        self,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: Body,
+        trace: AttemptTracer | None = None,
+        credentials: CredentialSource | None = None,
+    ) -> tuple[Upstream, bytes | None, int]:
+        """The send loop: the ERP's answer to one request, the body a matcher read of it (or
+        None), and the attempts made. Every resend of any request to this ERP is decided here,
+        from ``retry.py``'s policy, and counted in ``erp_broker_retries_total{reason}``.
+
+        - ``stale_connection``: a pooled connection the ERP had closed; once more on a new
+          one, when idempotent and replayable (the ERP never saw it).
+        - ``auth``: a status in ``auth_statuses`` or an ``auth_failure`` matcher; the
+          credential is rejected and the request replayed once, when replayable.
+        - ``transient``: a ``retry_on`` matcher; once, after a backoff, within the budget.
+        - ``rate_limited`` (429) and ``gateway_timeout`` (504, idempotent only), from
+          :func:`should_retry`: after ``Retry-After`` (else a backoff), within the budget.
+
+        Every wait of the request -- out a rate-limit window (its own 429's, or one open when it
+        came or made longer meanwhile by others) and every backoff -- is charged to its one
+        :class:`RetryBudget`, made when first needed, so ``retry.max_total`` bounds the time it
+        waits in all. When the budget cannot take a wait: with the ERP's 429/504 in hand, that
+        answer is returned as it came; with no answer in hand (the request is about to be sent
+        and the open window is longer than its budget has left), :meth:`wait_turn` raises
+        :class:`RateLimited` at once rather than sleep it out. ``credentials``: where the
+        credential comes from when not the token manager (a command-line fresh login).
+        """
+        config = self.config
+        budget: RetryBudget | None = None  # made on the first wait: most requests need none
+        # The credential and the turn are synchronous checks when nothing needs waiting for.
+        token = self.tokens.valid() if credentials is None else None
+        if token is None:
+            token = await self.credential(credentials)
+        auth_replayed = transient_retried = False
+        # A request found a pooled connection closed by the ERP is sent once more, on a new
+        # connection, when that is safe (the ERP never saw it; idempotent, body replayable).
+        stale_replay = method in IDEMPOTENT_METHODS and body.replayable
+        fresh = False
+        attempts = 0
+        try:
+            while True:
+                if not self.turn_ready():
+                    if budget is None:
+                        budget = self.retry_budget()
+                    await self.wait_turn(budget)  # a window too long for it: rate_limited
+                self.authenticator.apply(headers, token)
+                attempts += 1
+                if trace is not None:
+                    trace.attempt(self, method, target, headers, attempts)
+                upstream = await self.send(
+                    method, target, headers, body, fresh=fresh, stale_replay=stale_replay
+                )
+                if upstream is None:
+                    stale_replay = False
+                    fresh = True
+                    self.metrics.retries.labels(self.name, STALE_CONNECTION).inc()
+                    continue
+                status = upstream.status
+                if trace is not None:
+                    trace.answered(status)
+                verdict: str | None = None
+                data: bytes | None = None  # the body, when a matcher had to read it
+                if status in self.rules.statuses:
+                    verdict, data = await self.inspect(upstream, method)
+                if (
+                    (status in self.auth_statuses or verdict == AUTH)
+                    and not auth_replayed
+                    and body.replayable
+                ):
+                    upstream.release()
+                    auth_replayed = True
+                    if trace is not None:
+                        trace.replay(status)
+                    self.metrics.retries.labels(self.name, AUTH).inc()
+                    token = await (credentials or self.tokens).reject(token)
+                    continue
+                if verdict == TRANSIENT and not transient_retried and body.replayable:
+                    if budget is None:
+                        budget = self.retry_budget()
+                    pause = backoff_delay(
+                        budget.retries, config.retry.base_delay, config.retry.max_wait
+                    )
+                    if budget.allows(pause):
+                        # Retried once (IFS's MI_MODIFIED_ERROR: raised before anything executed).
+                        upstream.release()
+                        budget.retry()
+                        transient_retried = True
+                        self.metrics.retries.labels(self.name, TRANSIENT).inc()
+                        await self.pause(budget, TRANSIENT, pause)
+                        continue
+                reason = should_retry(status, method)
+                if reason is not None and body.replayable:
+                    if budget is None:
+                        budget = self.retry_budget()
+                    wait = parse_retry_after(upstream.headers.get("Retry-After"), time.time())
+                    if wait is None:
+                        wait = backoff_delay(
+                            budget.retries, config.retry.base_delay, config.retry.max_wait
+                        )
+                    if reason == RATE_LIMITED:
+                        # What it would sleep: its own wait, or a longer window open already.
+                        wait = max(wait, await self.coordinator.wait_window(self.name))
+                    if budget.allows(wait):
+                        upstream.release()
+                        budget.retry()
+                        if trace is not None:
+                            trace.retry_wait(reason, status, wait)
+                        self.metrics.retries.labels(self.name, reason).inc()
+                        if reason == RATE_LIMITED:
+                            # Every request to this connector waits out the same window, this
+                            # one in wait_turn at the top of the loop, charged to its budget.
+                            await self.coordinator.set_window(self.name, time.time() + wait)
+                        else:
+                            await self.pause(budget, reason, wait)
+                        continue
+                return upstream, data, attempts
+        except ProxyError as exc:
+            exc.attempts = attempts  # for the access line: what was sent before it failed
+            raise
+
+    async def inspect(self, upstream: Upstream, method: str) -> tuple[str | None, bytes | None]:
+        """What the connector's matchers make of an answer (reading a small body if needed)."""
+        with reading(upstream):
+            return await self.rules.verdict(upstream, method)
+
+    async def send(
+        self,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: Body,
+        *,
+        fresh: bool = False,
+        stale_replay: bool = False,
+    ) -> Upstream | None:
+        """One attempt: the ERP's answer head; None when the pooled connection was stale and
+        ``stale_replay`` allows sending again. The one map from transport failures to broker
+        errors (504 ``upstream_timeout``, 502 ``upstream_unreachable``)."""
+        started = time.perf_counter()
+        try:
+            return await self.pool.request(
+                method, target, headers.items(), body.payload(), length=body.length, fresh=fresh
+            )
+        except StaleConnection:
+            if stale_replay:
+                return None
+            raise UpstreamUnreachable(
+                f"cannot reach {self.host}: the ERP closed the connection", connector=self.name
+            ) from None
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"the ERP did not answer within {self.config.timeout:g}s", connector=self.name
+            ) from None
+        except ssl.SSLError as exc:
+            raise UpstreamUnreachable(
+                f"TLS error talking to {self.host} ({type(exc).__name__}): check ca_file "
+                "or the server certificate",
+                connector=self.name,
+            ) from None
+        except InvalidHeader as exc:
+            raise UpstreamUnreachable(str(exc), connector=self.name) from None
+        except (UpstreamError, OSError) as exc:
+            raise UpstreamUnreachable(
+                f"cannot reach {self.host}: {exc or type(exc).__name__}", connector=self.name
+            ) from None
+        finally:
+            self.series.upstream_duration.observe(time.perf_counter() - started)
+
     def turn_ready(self) -> bool:
         """The cheap first check of :meth:`wait_turn`: True when nothing can make this request
         wait (no client-side rate_limit, no rate-limit window open now), so no coroutine is
@@ -213,17 +463,15 @@ class Connector:
         retry = self.config.retry
         return RetryBudget(retry.max_retries, retry.max_wait, retry.max_total)
 
-    async def wait_turn(self, budget: RetryBudget | None = None) -> None:
-        """Wait out a rate-limit window, charging every second to ``budget``; then take from
+    async def wait_turn(self, budget: RetryBudget) -> None:
+        """Wait out a rate-limit window, charging every second actually slept to ``budget``
+        (the request's, in the send loop: its first wait spends from it too); then take from
         the client-side ``rate_limit``, boundedly.
 
         A window longer than ``budget`` has left is not slept out: :class:`RateLimited` at once
         (the ERP's own 429, if there was one, is gone by now; the send loop gives that back
-        itself when the wait does not fit while it holds the answer). Without ``budget`` (API
-        discovery) the wait has a fresh one of its own.
+        itself when the wait does not fit while it holds the answer).
         """
-        if budget is None:
-            budget = self.retry_budget()
         counted = False
         while (wait := await self.coordinator.wait_window(self.name)) > 0:
             if not budget.fits(wait):

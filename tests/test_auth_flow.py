@@ -330,3 +330,43 @@ async def test_token_endpoint_down_keeps_valid_token(
         assert resp.status == 502
     async with http.get(f"{server.proxy_url}/ifs/_test/echo/x") as resp:
         assert resp.status == 200
+
+
+class TestTokenRetriesCounted:
+    """The token manager's second tries come from retry.py's policy and are counted in
+    ``erp_broker_retries_total`` like the send loop's."""
+
+    async def test_refresh_rejected_then_login_is_one_auth_retry(
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
+    ) -> None:
+        """A refresh answered invalid_grant is followed by one login: one auth retry."""
+        server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file)})
+        await server.broker.wait_ready(5)
+        assert metric(server, "erp_broker_retries_total", connector="ifs", reason="auth") == 0
+        ifs_sim.revoke_refresh_tokens()
+        async with http.post(f"{server.admin_url}/connectors/ifs/refresh") as resp:
+            assert resp.status == 200
+        assert [r.grant for r in ifs_sim.token_requests] == [
+            "password",
+            "refresh_token",
+            "password",
+        ]
+        assert metric(server, "erp_broker_retries_total", connector="ifs", reason="auth") == 1
+        assert metric(server, "erp_broker_retries_total", connector="ifs", reason="transient") == 0
+
+    async def test_token_request_after_a_transient_failure_is_a_transient_retry(
+        self, ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory
+    ) -> None:
+        """The token endpoint answers 503 once: the login that follows, after the policy's
+        backoff, is one transient retry."""
+        ifs_sim.queue_token_response(503, body={"error": "unavailable"})
+        server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file)})
+        await ifs_sim.wait_for_token_requests(2, timeout=10)
+        await server.broker.wait_ready(10)
+        assert [r.status for r in ifs_sim.token_requests] == [503, 200]
+        assert metric(server, "erp_broker_retries_total", connector="ifs", reason="transient") == 1
+        assert metric(server, "erp_broker_retries_total", connector="ifs", reason="auth") == 0

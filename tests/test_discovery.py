@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
+import structlog
+import structlog.testing
 import yaml
 
 from broker import commands
@@ -18,7 +21,7 @@ from broker.discovery import document_version, parse_operations
 from broker.sandbox import IfsApps10Sim, PsoSim
 from broker.sandbox.ifs_projections import BY_NAME, PROJECTIONS, openapi_document
 
-from .conftest import BrokerFactory, ifs_connector, pso_connector
+from .conftest import BrokerFactory, ifs_connector, metric, pso_connector
 
 LISTING = {"value": [{"Name": p.name, "Description": p.description} for p in PROJECTIONS]}
 
@@ -314,3 +317,116 @@ class TestAdminApi:
                 assert resp.status == 404 and resp.headers["X-Broker-Error"] == "no_route"
                 assert (await resp.json())["error"]["message"]
         assert pso_sim.api_requests == []
+
+
+class TestThroughTheSendLoop:
+    """Discovery sends through the connector's one send loop: each retry it makes is the
+    proxy's, counted in ``erp_broker_retries_total{reason}`` and in its request line's
+    ``attempts``."""
+
+    @pytest.mark.parametrize(
+        ("status", "headers", "body", "reason"),
+        [
+            (401, {}, b"", "auth"),
+            (400, {}, b'{"error": "SESSION_GONE"}', "auth"),  # an auth_failure matcher
+            (429, {"Retry-After": "0"}, b"", "rate_limited"),
+            (504, {}, b"", "gateway_timeout"),
+            (500, {}, b'{"error": {"code": "MI_MODIFIED_ERROR"}}', "transient"),  # retry_on
+        ],
+    )
+    async def test_each_retry_is_counted(
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
+        status: int,
+        headers: dict[str, str],
+        body: bytes,
+        reason: str,
+    ) -> None:
+        """The projection list's first answer is retried; the listing then succeeds, the retry
+        is counted once under its reason and a line says the list took two attempts."""
+        matcher = {"status": 400, "body": "SESSION_GONE"}
+        server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file, auth_failure=[matcher])})
+        await server.broker.wait_ready(5)
+        ifs_sim.queue_api_response(status, headers=headers, body=body)
+        with structlog.testing.capture_logs() as logs:
+            async with http.get(f"{server.admin_url}/connectors/ifs/openapi") as resp:
+                assert resp.status == 200
+                assert (await resp.json())["failed"] == 0
+        assert metric(server, "erp_broker_retries_total", connector="ifs", reason=reason) == 1
+        others = [
+            r for r in ("auth", "rate_limited", "gateway_timeout", "transient") if r != reason
+        ]
+        for other in others:
+            assert metric(server, "erp_broker_retries_total", connector="ifs", reason=other) == 0
+        lines = [line for line in logs if line["event"] == "discovery_retried"]
+        assert [(line["status"], line["attempts"]) for line in lines] == [(200, 2)]
+        assert lines[0]["path"].endswith("/AllProjections.svc/Projections")  # the list's
+        assert len(ifs_sim.api_requests) == 1 + 1 + 3  # the list twice, three documents
+        if reason == "auth":
+            assert ifs_sim.count_token_requests() == 2  # the broker's login, one more after
+
+    async def test_a_window_too_long_for_the_budget_fails_the_document_not_the_wait(
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
+    ) -> None:
+        """A 429 whose Retry-After is longer than retry.max_total: the send loop gives the 429
+        back at once (no retry counted), and discovery reports it as that projection's error."""
+        server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file, retry={"max_total": 2})})
+        await server.broker.wait_ready(5)
+        ifs_sim.queue_api_response(200, body=LISTING)
+        ifs_sim.queue_api_response(429, headers={"Retry-After": "30"})
+        async with asyncio.timeout(10):
+            async with http.get(
+                f"{server.admin_url}/connectors/ifs/openapi?projection=CustomerHandling"
+            ) as resp:
+                assert resp.status == 502
+                [only] = (await resp.json())["projections"]
+        assert "429" in only["error"]
+        assert (
+            metric(server, "erp_broker_retries_total", connector="ifs", reason="rate_limited") == 0
+        )
+
+    async def test_an_erp_that_does_not_answer_is_a_discovery_failure(
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
+    ) -> None:
+        """The send loop's transport failure (the ERP silent past ``timeout``) fails the listing
+        as 502 discovery_failed, naming what failed and why."""
+        server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file, timeout=0.5)})
+        await server.broker.wait_ready(5)
+        ifs_sim.queue_api_response(200, body=LISTING, delay=3)
+        async with asyncio.timeout(10):
+            async with http.get(f"{server.admin_url}/connectors/ifs/openapi") as resp:
+                assert resp.status == 502
+                assert resp.headers["X-Broker-Error"] == "discovery_failed"
+                message = (await resp.json())["error"]["message"]
+        assert "the projection list" in message and "did not answer within 0.5s" in message
+
+    async def test_a_window_open_when_it_comes_is_charged_to_its_budget(
+        self,
+        ifs_sim: IfsApps10Sim,
+        ca_file: str,
+        make_broker: BrokerFactory,
+        http: aiohttp.ClientSession,
+    ) -> None:
+        """Discovery waits its turn like a proxied request: a 30 s rate-limit window with
+        retry.max_total 2 is not slept out; the listing fails at once naming the budget, and
+        the ERP sees nothing."""
+        server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file, retry={"max_total": 2})})
+        await server.broker.wait_ready(5)
+        await server.broker.coordinator.set_window("ifs", time.time() + 30)
+        async with asyncio.timeout(10):
+            async with http.get(f"{server.admin_url}/connectors/ifs/openapi") as resp:
+                assert resp.status == 502
+                message = (await resp.json())["error"]["message"]
+        assert "the projection list" in message and "retry.max_total" in message
+        assert ifs_sim.api_requests == []

@@ -40,11 +40,14 @@ class TestBudget:
         """At most max_retries, no wait over max_wait, no more than max_total in all."""
         budget = RetryBudget(max_retries=3, max_wait=30, max_total=60)
         assert not budget.allows(31)
-        budget.spend(30)
+        budget.retry()
+        budget.charge(30)
         assert budget.allows(30)
-        budget.spend(29)
+        budget.retry()
+        budget.charge(29)
         assert not budget.allows(2)
-        budget.spend(1)
+        budget.retry()
+        budget.charge(1)
         assert not budget.allows(0)
 
 
@@ -72,3 +75,16 @@ class TestCharges:
         assert budget.retries == 1 and budget.waited == 7
         budget.charge(5)
         assert budget.left == 0 and not budget.fits(0.1)
+
+
+class TestTokenRetryDelay:
+    def test_doubles_with_jitter_between_the_floor_and_the_cap(self) -> None:
+        """After n transient failures: within [TOKEN_BACKOFF_MIN, min(MAX, 2**n)]."""
+        from broker.retry import TOKEN_BACKOFF_MAX, TOKEN_BACKOFF_MIN, token_retry_delay
+
+        rng = random.Random(7)
+        for failures in range(12):
+            ceiling = max(TOKEN_BACKOFF_MIN, min(TOKEN_BACKOFF_MAX, 2.0**failures))
+            for _ in range(20):
+                assert TOKEN_BACKOFF_MIN <= token_retry_delay(failures, rng) <= ceiling
+        assert max(token_retry_delay(20, rng) for _ in range(50)) > TOKEN_BACKOFF_MAX / 2

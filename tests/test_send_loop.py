@@ -1,0 +1,72 @@
+"""The one send loop (``Connector.exchange``) as the proxy uses it: each retry it makes is
+counted once in ``erp_broker_retries_total{reason}`` and in the access line's ``attempts``."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+import structlog
+import structlog.testing
+
+from broker.sandbox import IfsApps10Sim
+
+from .conftest import BrokerFactory, ifs_connector, metric
+
+REASONS = ("auth", "rate_limited", "gateway_timeout", "stale_connection", "transient")
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "body", "reason"),
+    [
+        (401, {}, b"", "auth"),
+        (400, {}, b'{"error": "SESSION_GONE"}', "auth"),  # an auth_failure matcher
+        (429, {"Retry-After": "0"}, b"", "rate_limited"),
+        (504, {}, b"", "gateway_timeout"),
+        (500, {}, b'{"error": {"code": "MI_MODIFIED_ERROR"}}', "transient"),  # retry_on
+    ],
+)
+async def test_each_retry_is_counted_and_in_the_access_line(
+    ifs_sim: IfsApps10Sim,
+    ca_file: str,
+    make_broker: BrokerFactory,
+    http: aiohttp.ClientSession,
+    status: int,
+    headers: dict[str, str],
+    body: bytes,
+    reason: str,
+) -> None:
+    """The ERP's first answer is retried: the app gets the second (200), the retry is counted
+    once under its reason and no other, and the access line says two attempts."""
+    matcher = {"status": 400, "body": "SESSION_GONE"}
+    server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file, auth_failure=[matcher])})
+    await server.broker.wait_ready(5)
+    ifs_sim.queue_api_response(status, headers=headers, body=body)
+    with structlog.testing.capture_logs() as logs:
+        async with http.get(f"{server.proxy_url}/ifs/_test/echo/x") as resp:
+            assert resp.status == 200
+            await resp.read()
+    counted = {
+        r: metric(server, "erp_broker_retries_total", connector="ifs", reason=r) for r in REASONS
+    }
+    assert counted == {r: (1 if r == reason else 0) for r in REASONS}
+    [line] = [line for line in logs if line["event"] == "request"]
+    assert (line["status"], line["attempts"]) == (200, 2)
+    assert len(ifs_sim.api_requests) == 2
+
+
+async def test_a_retried_request_that_fails_shows_its_attempts(
+    ifs_sim: IfsApps10Sim, ca_file: str, make_broker: BrokerFactory, http: aiohttp.ClientSession
+) -> None:
+    """A 401 replayed, then the ERP silent past ``timeout``: 504 upstream_timeout, and the
+    access line still says two attempts (one retry, counted)."""
+    server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file, timeout=0.5)})
+    await server.broker.wait_ready(5)
+    ifs_sim.queue_api_response(401)
+    ifs_sim.queue_api_response(200, delay=3)
+    with structlog.testing.capture_logs() as logs:
+        async with http.get(f"{server.proxy_url}/ifs/_test/echo/x") as resp:
+            assert resp.status == 504
+            assert resp.headers["X-Broker-Error"] == "upstream_timeout"
+    [line] = [line for line in logs if line["event"] == "request"]
+    assert (line["status"], line["attempts"]) == (504, 2)
+    assert metric(server, "erp_broker_retries_total", connector="ifs", reason="auth") == 1
