@@ -162,6 +162,7 @@ async def test(request: web.Request) -> web.Response:
 async def openapi(request: web.Request) -> web.Response:
     """IFS Apps 10 discovery with the connector's own session and credential."""
     from .config import IfsApps10Config
+    from .direct import discovery_session
     from .discovery import Discovery
 
     target = _connector(request)
@@ -176,19 +177,20 @@ async def openapi(request: web.Request) -> web.Response:
     if refresh:
         _require_operator(request)  # it makes the ERP serve every document again
     projection = request.query.get("projection") or None
-    discovery = Discovery(
-        target.name,
-        config,
-        target.route,
-        target.session,
-        target.tokens,
-        target.authenticator.apply,
-        request.app[SERVER].broker.store,
-        auth_statuses=target.auth_statuses,
-        before_send=target.wait_turn,
-        broker_url=request.app[SERVER].proxy_url,
-    )
-    result = await discovery.run(projection, refresh=refresh)
+    async with discovery_session(config) as session:
+        discovery = Discovery(
+            target.name,
+            config,
+            target.route,
+            session,
+            target.tokens,
+            target.authenticator.apply,
+            request.app[SERVER].broker.store,
+            auth_statuses=target.auth_statuses,
+            before_send=target.wait_turn,
+            broker_url=request.app[SERVER].proxy_url,
+        )
+        result = await discovery.run(projection, refresh=refresh)
     failed = projection is not None and bool(result.failed)
     return _json(result.to_json(), 502 if failed else 200)
 

@@ -8,7 +8,6 @@ import sys
 import time
 from typing import Any
 
-import aiohttp
 import orjson
 
 from .config import Config
@@ -59,17 +58,23 @@ def render_table(rows: list[list[str]]) -> str:
 async def status(config: Config, fmt: str) -> int:
     """``erp-broker status``: the running broker's connectors, from its admin listener."""
     url = f"{_admin_base(config)}/connectors"
+    from .client import Client, TransportError
+
+    client = Client(ssl_context=None, limit=1, connect_timeout=5, read_timeout=5)
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-            async with session.get(url) as response:
-                data: dict[str, Any] = orjson.loads(await response.read())
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        async with asyncio.timeout(5):
+            answer = await client.fetch("GET", url, limit=64 * 1024 * 1024)
+        data: dict[str, Any] = orjson.loads(answer.body)
+    except (TransportError, TimeoutError, orjson.JSONDecodeError) as exc:
+        why = exc.failure.what if isinstance(exc, TransportError) else type(exc).__name__
         print(
-            f"error: no broker answers at {url} ({type(exc).__name__}): is it running with "
+            f"error: no broker answers at {url} ({why}): is it running with "
             f"admin_listen {config.admin_listen}?",
             file=sys.stderr,
         )
         return EXIT_FAILED
+    finally:
+        client.close()
     # Scripts and `kubectl exec` checks rely on the exit code: 0 only when every connector is up.
     down = {name: info for name, info in data.items() if info.get("token_state") != "valid"}
     code = EXIT_FAILED if down else EXIT_OK
@@ -160,7 +165,7 @@ async def discover(
     from .app import listen_url
     from .config import IfsApps10Config
     from .connectors import build_authenticator
-    from .direct import FreshCredentials, direct_session
+    from .direct import FreshCredentials, direct_client, discovery_session
     from .discovery import Discovery, render_table
     from .errors import BrokerError, ProxyError, StoreError, TokenError
     from .stores import open_store
@@ -182,22 +187,23 @@ async def discover(
         print(f"warning: the store cannot be used, nothing is cached: {exc}", file=sys.stderr)
         store = None
     try:
-        async with direct_session(connector) as session:
-            authenticator = build_authenticator(connector, session, time.time)
+        with direct_client(connector) as client:
+            authenticator = build_authenticator(connector, client, time.time)
             credentials = FreshCredentials(authenticator, timeout=connector.token_timeout)
-            discovery = Discovery(
-                name,
-                connector,
-                config.route_of(name),
-                session,
-                credentials,
-                authenticator.apply,
-                store,
-                auth_statuses=frozenset({401, *connector.auth_failure_statuses}),
-                broker_url=listen_url(*config.listen_address),
-            )
             try:
-                result = await discovery.run(projection, refresh=refresh)
+                async with discovery_session(connector) as session:
+                    discovery = Discovery(
+                        name,
+                        connector,
+                        config.route_of(name),
+                        session,
+                        credentials,
+                        authenticator.apply,
+                        store,
+                        auth_statuses=frozenset({401, *connector.auth_failure_statuses}),
+                        broker_url=listen_url(*config.listen_address),
+                    )
+                    result = await discovery.run(projection, refresh=refresh)
             finally:
                 await credentials.close()
     except (TokenError, ProxyError) as exc:

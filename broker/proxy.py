@@ -12,7 +12,6 @@ import contextlib
 import functools
 import os
 import re
-import ssl
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from multidict import CIMultiDict
 
 from .answers import error_answer
 from .audit import add_audit_fields, operation_of
+from .client import TRANSPORT_ERRORS, transport_failure
 from .errors import (
     BadRequest,
     NoRoute,
@@ -32,8 +32,8 @@ from .errors import (
     UpstreamUnreachable,
 )
 from .flow import answer_has_body
-from .http1 import InvalidHeader, StaleConnection, UpstreamError
 from .http1 import Response as Upstream
+from .http1 import StaleConnection, UpstreamError
 from .links import LinkRewriter
 from .logs import info_line
 from .retry import (
@@ -488,24 +488,10 @@ class Proxy:
                 f"cannot reach {connector.host}: the ERP closed the connection",
                 connector=connector.name,
             ) from None
-        except TimeoutError:
-            raise UpstreamTimeout(
-                f"the ERP did not answer within {connector.config.timeout:g}s",
-                connector=connector.name,
-            ) from None
-        except ssl.SSLError as exc:
-            raise UpstreamUnreachable(
-                f"TLS error talking to {connector.host} ({type(exc).__name__}): check ca_file "
-                "or the server certificate",
-                connector=connector.name,
-            ) from None
-        except InvalidHeader as exc:
-            raise UpstreamUnreachable(str(exc), connector=connector.name) from None
-        except (UpstreamError, OSError) as exc:
-            raise UpstreamUnreachable(
-                f"cannot reach {connector.host}: {exc or type(exc).__name__}",
-                connector=connector.name,
-            ) from None
+        except TRANSPORT_ERRORS as exc:
+            failure = transport_failure(exc, connector.pool)
+            error = UpstreamTimeout if failure.timeout else UpstreamUnreachable
+            raise error(failure.describe("the ERP"), connector=connector.name) from None
         finally:
             connector.series.upstream_duration.observe(time.perf_counter() - started)
 
