@@ -173,8 +173,10 @@ class Client:
         """The pool to ``url``'s origin (made on first use)."""
         target = url if isinstance(url, URL) else URL(url)
         scheme = target.scheme
-        if scheme not in ("http", "https") or not target.host or (
-            scheme == "https" and self.ssl_context is None
+        if (
+            scheme not in ("http", "https")
+            or not target.host
+            or (scheme == "https" and self.ssl_context is None)
         ):
             raise ValueError(f"not an http(s) URL with a host: {target.with_query(None)}")
         port = target.port or (443 if scheme == "https" else 80)
