@@ -8,22 +8,18 @@ connector imports.
 
 from __future__ import annotations
 
-import asyncio
 import ssl
-import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 import pytest
 import trustme
-import yaml
 
-from broker.client import CONNECT, RESPONSE, TLS, Client, TransportError
+from broker.client import CONNECT, TLS, Client, TransportError
 from broker.config import parse_config
 from broker.probe import probe
 from broker.sandbox import IfsApps10Sim, InforIonSim, PsoSim
@@ -35,59 +31,20 @@ from .conftest import (
     metric,
     pso_connector,
 )
-
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-class RawServer:
-    """A loopback server (TLS with the test CA) whose answers are written byte for byte."""
-
-    def __init__(self, handler: Handler, ssl_context: ssl.SSLContext) -> None:
-        self.handler = handler
-        self.ssl_context = ssl_context
-        self.accepted = 0
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def __aenter__(self) -> RawServer:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl_context)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
-    @property
-    def url(self) -> str:
-        return f"https://localhost:{self.port}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)  # type: ignore[arg-type]
-        self.accepted += 1
-        try:
-            await reader.readuntil(b"\r\n\r\n")
-            await self.handler(reader, writer)
-            await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
+from .io.test_http1 import Handler, Peer, Server
+from .test_footprint import modules_of_running_broker
 
 
 def answering(raw: bytes, *, then_hang: bool = False) -> Handler:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(raw)
-        await writer.drain()
-        if then_hang:
-            await asyncio.Event().wait()
+    """A server answering the first request with ``raw``, byte for byte (then, with
+    ``then_hang``, holding the connection open)."""
+
+    async def handle(peer: Peer) -> None:
+        if await peer.request():
+            peer.send(raw)
+            await peer.writer.drain()
+            if then_hang:
+                await peer.rest()  # until the client gives up
 
     return handle
 
@@ -102,7 +59,7 @@ def counted_tls(tls_ca: trustme.CA) -> tuple[ssl.SSLContext, list[str]]:
     def noted(_sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
         handshakes.append(name or "")
 
-    context.sni_callback = noted  # type: ignore[assignment]
+    context.sni_callback = noted
     return context, handshakes
 
 
@@ -169,11 +126,13 @@ class TestTokenTransportFailures:
             b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n"
             b"Content-Type: application/json\r\n\r\n0\r\n\r\n"
         )
-        async with RawServer(answering(raw), server_ssl) as idp:
+        async with Server(answering(raw), ssl_context=server_ssl) as idp:
             config = parse_config(
                 {
                     "connectors": {
-                        "ifs": ifs_connector(ifs_sim, ca_file, token_url=f"{idp.url}/token")
+                        "ifs": ifs_connector(
+                            ifs_sim, ca_file, token_url=f"https://localhost:{idp.port}/token"
+                        )
                     }
                 }
             )
@@ -183,18 +142,22 @@ class TestTokenTransportFailures:
         assert "not valid HTTP/1.1" in result.message
         assert f"the token endpoint localhost:{idp.port}" in result.message
         assert "Transfer-Encoding" in result.message
-        assert f"login: POST {idp.url}/token -> response failed" in result.steps[0]
+        assert (
+            f"login: POST https://localhost:{idp.port}/token -> response failed" in result.steps[0]
+        )
 
     async def test_an_oversized_token_answer_is_refused(
         self, ifs_sim: IfsApps10Sim, ca_file: str, server_ssl: ssl.SSLContext
     ) -> None:
         """A token endpoint that sends megabytes is not read to its end."""
         raw = b"HTTP/1.1 200 OK\r\nContent-Length: 4194304\r\n\r\n" + b" " * 4194304
-        async with RawServer(answering(raw), server_ssl) as idp:
+        async with Server(answering(raw), ssl_context=server_ssl) as idp:
             config = parse_config(
                 {
                     "connectors": {
-                        "ifs": ifs_connector(ifs_sim, ca_file, token_url=f"{idp.url}/token")
+                        "ifs": ifs_connector(
+                            ifs_sim, ca_file, token_url=f"https://localhost:{idp.port}/token"
+                        )
                     }
                 }
             )
@@ -214,13 +177,13 @@ class TestTokenTransportFailures:
         request gives up at token_timeout, counted as endpoint_error. A regression guard:
         aiohttp's session did this too."""
         raw = b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"access_token": '
-        async with RawServer(answering(raw, then_hang=True), server_ssl) as idp:
+        async with Server(answering(raw, then_hang=True), ssl_context=server_ssl) as idp:
             server = await make_broker(
                 {
                     "ifs": ifs_connector(
                         ifs_sim,
                         ca_file,
-                        token_url=f"{idp.url}/token",
+                        token_url=f"https://localhost:{idp.port}/token",
                         token_timeout=0.5,
                         timeout=30,
                     )
@@ -237,9 +200,7 @@ class TestTokenTransportFailures:
             assert failures >= 1
         assert ifs_sim.api_requests == []
 
-    async def test_refused_and_untrusted_name_the_phase(
-        self, ifs_sim: IfsApps10Sim, ca_file: str, tmp_path: Path
-    ) -> None:
+    async def test_refused_and_untrusted_name_the_phase(self, ifs_sim: IfsApps10Sim) -> None:
         """The one map names the phase that failed: connect (refused), TLS (an untrusted
         certificate, with the verifier's reason)."""
         client = Client(
@@ -248,7 +209,7 @@ class TestTokenTransportFailures:
         try:
             with pytest.raises(TransportError) as untrusted:
                 await client.fetch("GET", f"{ifs_sim.url}/x")
-            async with RawServer(answering(b""), ssl.create_default_context()) as closed:
+            async with Server(answering(b"")) as closed:
                 port = closed.port
             with pytest.raises(TransportError) as refused:
                 await client.fetch("GET", f"https://localhost:{port}/x")
@@ -269,7 +230,6 @@ class TestTokenTransportFailures:
         del conn["ca_file"]
         result = await probe("ifs", parse_config({"connectors": {"ifs": conn}}).connectors["ifs"])
         assert result.steps[0].startswith("login: POST ") and "-> tls failed:" in result.steps[0]
-        assert RESPONSE == "response"
 
 
 #: What a running connector (token path and the proxy's pool) may never import.
@@ -311,7 +271,8 @@ CONNECTORS_ONLY = textwrap.dedent(
             for connector in connectors:
                 await connector.close(revoke=True)
             await store.close()
-        print(orjson.dumps({"statuses": statuses, "modules": sorted(sys.modules)}).decode())
+        assert len(statuses) == 3, statuses
+        print(orjson.dumps(sorted(sys.modules)).decode(), flush=True)
 
     asyncio.run(run())
     """
@@ -334,22 +295,11 @@ async def test_connectors_log_in_and_proxy_without_aiohttp(
             "infor": infor_connector(infor_sim, ca_file),
         },
     }
-    path = tmp_path / "broker.yaml"
-    path.write_text(yaml.safe_dump(config))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        CONNECTORS_ONLY,
-        str(path),
-        cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 0, err.decode()[-2000:]
-    report = orjson.loads(out.decode().splitlines()[-1])
-    assert len(report["statuses"]) == 3  # every connector logged in and got an answer
-    assert ifs_sim.count_token_requests("password") == 1
-    assert infor_sim.count_token_requests("revoke") == 1
-    loaded = [m for m in report["modules"] if m.split(".")[0] in AIOHTTP_CLIENT]
+    modules = await modules_of_running_broker(config, tmp_path, script=CONNECTORS_ONLY)
+    assert "broker.upstream" in modules and "broker.connectors.infor_ion" in modules
+    assert ifs_sim.count_token_requests("password") == 1  # every connector logged in,
+    assert pso_sim.count_token_requests() == 1
+    assert len(infor_sim.api_requests) == 1  # sent through the pool (all three: in the script),
+    assert infor_sim.count_token_requests("revoke") == 1  # and revoked at close
+    loaded = [m for m in modules if m.split(".")[0] in AIOHTTP_CLIENT]
     assert loaded == []
