@@ -8,6 +8,7 @@ connector imports.
 
 from __future__ import annotations
 
+import gzip
 import ssl
 import textwrap
 import time
@@ -16,11 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 import trustme
 
 from broker.client import CONNECT, TLS, Client, TransportError
 from broker.config import parse_config
+from broker.connectors import build_authenticator
+from broker.direct import direct_client
+from broker.errors import TokenEndpointError
 from broker.probe import probe
 from broker.sandbox import IfsApps10Sim, InforIonSim, PsoSim
 
@@ -114,6 +119,54 @@ class TestOnePoolPerOrigin:
         assert token_pool is connector.client.pool(token_url)  # one per origin
         assert token_pool.ssl_context is connector.pool.ssl_context is not None
         assert token_pool.connect_timeout == token_pool.read_timeout == 7
+
+
+class TestTokenRequestsAsBefore:
+    async def test_no_redirect_no_cookie_no_compression(
+        self, ifs_sim: IfsApps10Sim, ca_file: str, server_ssl: ssl.SSLContext
+    ) -> None:
+        """A redirect is an answer, not followed; a cookie is not sent back; the broker asks
+        for no compression (it inflates nothing): an IdP that gzips whenever it may still
+        gives a readable token (the connector's aiohttp session asked for gzip, and did not
+        inflate what came)."""
+        token = orjson.dumps({"access_token": "a.b.c", "expires_in": 300, "token_type": "Bearer"})
+
+        async def idp(peer: Peer) -> None:
+            while request := await peer.request():
+                if len(peer.server.requests) == 1:
+                    peer.send(
+                        b"HTTP/1.1 302 Found\r\nLocation: /elsewhere\r\n"
+                        b"Set-Cookie: AUTH_SESSION_ID=abc; Path=/\r\nContent-Length: 0\r\n\r\n"
+                    )
+                elif b"gzip" in request.lower():
+                    body = gzip.compress(token)
+                    peer.send(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                        b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+                    )
+                else:
+                    peer.send(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n" % len(token) + token
+                    )
+                await peer.writer.drain()
+
+        async with Server(idp, ssl_context=server_ssl) as server:
+            url = f"https://localhost:{server.port}/token"
+            config = parse_config(
+                {"connectors": {"ifs": ifs_connector(ifs_sim, ca_file, token_url=url)}}
+            ).connectors["ifs"]
+            with direct_client(config) as client:
+                authenticator = build_authenticator(config, client, time.time)
+                with pytest.raises(TokenEndpointError, match="answered 302"):
+                    await authenticator.login()
+                issued = await authenticator.login()
+            requests = [raw for _, raw in server.requests]
+        assert issued.access == "a.b.c"
+        assert len(requests) == 2  # /elsewhere never asked for
+        assert all(raw.startswith(b"POST /token HTTP/1.1\r\n") for raw in requests)
+        assert b"cookie" not in requests[1].lower()
+        assert b"\r\naccept-encoding: identity\r\n" in requests[1].lower()
 
 
 class TestTokenTransportFailures:
