@@ -26,7 +26,7 @@ from broker.config import parse_config
 from broker.connectors import build_authenticator
 from broker.direct import direct_client
 from broker.errors import TokenEndpointError
-from broker.probe import probe
+from broker.probe import ProbeResult, probe
 from broker.sandbox import IfsApps10Sim, InforIonSim, PsoSim
 
 from .conftest import (
@@ -169,6 +169,16 @@ class TestTokenRequestsAsBefore:
         assert b"\r\naccept-encoding: identity\r\n" in requests[1].lower()
 
 
+async def probe_with_idp(
+    raw: bytes, sim: IfsApps10Sim, ca_file: str, server_ssl: ssl.SSLContext
+) -> tuple[ProbeResult, int]:
+    """A connection test whose token endpoint answers ``raw``; and that endpoint's port."""
+    async with Server(answering(raw), ssl_context=server_ssl) as idp:
+        url = f"https://localhost:{idp.port}/token"
+        config = parse_config({"connectors": {"ifs": ifs_connector(sim, ca_file, token_url=url)}})
+        return await probe("ifs", config.connectors["ifs"]), idp.port
+
+
 class TestTokenTransportFailures:
     async def test_bad_framing_is_a_clear_endpoint_error(
         self, ifs_sim: IfsApps10Sim, ca_file: str, server_ssl: ssl.SSLContext
@@ -179,42 +189,20 @@ class TestTokenTransportFailures:
             b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n"
             b"Content-Type: application/json\r\n\r\n0\r\n\r\n"
         )
-        async with Server(answering(raw), ssl_context=server_ssl) as idp:
-            config = parse_config(
-                {
-                    "connectors": {
-                        "ifs": ifs_connector(
-                            ifs_sim, ca_file, token_url=f"https://localhost:{idp.port}/token"
-                        )
-                    }
-                }
-            )
-            result = await probe("ifs", config.connectors["ifs"])
+        result, port = await probe_with_idp(raw, ifs_sim, ca_file, server_ssl)
         assert result.ok is False and result.stage == "login"
         assert result.cause == "endpoint_error"
         assert "not valid HTTP/1.1" in result.message
-        assert f"the token endpoint localhost:{idp.port}" in result.message
+        assert f"the token endpoint localhost:{port}" in result.message
         assert "Transfer-Encoding" in result.message
-        assert (
-            f"login: POST https://localhost:{idp.port}/token -> response failed" in result.steps[0]
-        )
+        assert f"login: POST https://localhost:{port}/token -> response failed" in result.steps[0]
 
     async def test_an_oversized_token_answer_is_refused(
         self, ifs_sim: IfsApps10Sim, ca_file: str, server_ssl: ssl.SSLContext
     ) -> None:
         """A token endpoint that sends megabytes is not read to its end."""
         raw = b"HTTP/1.1 200 OK\r\nContent-Length: 4194304\r\n\r\n" + b" " * 4194304
-        async with Server(answering(raw), ssl_context=server_ssl) as idp:
-            config = parse_config(
-                {
-                    "connectors": {
-                        "ifs": ifs_connector(
-                            ifs_sim, ca_file, token_url=f"https://localhost:{idp.port}/token"
-                        )
-                    }
-                }
-            )
-            result = await probe("ifs", config.connectors["ifs"])
+        result, _ = await probe_with_idp(raw, ifs_sim, ca_file, server_ssl)
         assert result.cause == "endpoint_error"
         assert "larger than 1048576 bytes" in result.message
 
