@@ -8,7 +8,6 @@ import sys
 import time
 from typing import Any
 
-import aiohttp
 import orjson
 
 from .config import Config
@@ -59,17 +58,23 @@ def render_table(rows: list[list[str]]) -> str:
 async def status(config: Config, fmt: str) -> int:
     """``erp-broker status``: the running broker's connectors, from its admin listener."""
     url = f"{_admin_base(config)}/connectors"
+    from .client import Client, TransportError
+
+    client = Client(ssl_context=None, limit=1, connect_timeout=5, read_timeout=5)
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-            async with session.get(url) as response:
-                data: dict[str, Any] = orjson.loads(await response.read())
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        async with asyncio.timeout(5):
+            answer = await client.fetch("GET", url, limit=64 * 1024 * 1024)
+        data: dict[str, Any] = orjson.loads(answer.body)
+    except (TransportError, TimeoutError, orjson.JSONDecodeError) as exc:
+        why = exc.failure.what if isinstance(exc, TransportError) else type(exc).__name__
         print(
-            f"error: no broker answers at {url} ({type(exc).__name__}): is it running with "
+            f"error: no broker answers at {url} ({why}): is it running with "
             f"admin_listen {config.admin_listen}?",
             file=sys.stderr,
         )
         return EXIT_FAILED
+    finally:
+        client.close()
     # Scripts and `kubectl exec` checks rely on the exit code: 0 only when every connector is up.
     down = {name: info for name, info in data.items() if info.get("token_state") != "valid"}
     code = EXIT_FAILED if down else EXIT_OK

@@ -1,9 +1,9 @@
 """Talking to an ERP straight from the config, without a running broker.
 
-``test-connection`` and the command-line ``discover`` use these: an HTTP session that honours
-the connector's ``ca_file``/``tls_verify`` exactly as the broker's does, and credentials from a
-fresh login (never the broker's cached token, so a test proves the configured secrets work
-today and touches nothing a running broker holds).
+``test-connection`` and the command-line ``discover`` use these: a :class:`~broker.client.Client`
+with the connector's ``ca_file``/``tls_verify`` and timeouts exactly as the broker's, and
+credentials from a fresh login (never the broker's cached token, so a test proves the
+configured secrets work today and touches nothing a running broker holds).
 """
 
 from __future__ import annotations
@@ -11,34 +11,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 
-import aiohttp
-
+from .client import Client, Observer
 from .config import ConnectorConfig
 from .credential import Token
 from .errors import TokenEndpointError, TokenError
 from .types import Authenticator, Clock
-from .upstream import ssl_context
+from .upstream import proxy_ssl_context
+
+#: Connections a short-lived client keeps to one origin.
+DIRECT_LIMIT = 8
 
 
-@contextlib.asynccontextmanager
-async def direct_session(
-    config: ConnectorConfig, *, trace_configs: list[aiohttp.TraceConfig] | None = None
-) -> AsyncIterator[aiohttp.ClientSession]:
-    """A short-lived session to one ERP with the connector's TLS settings and timeout."""
-    session = aiohttp.ClientSession(
-        trace_configs=trace_configs,
-        connector=aiohttp.TCPConnector(ssl=ssl_context(config)),
-        cookie_jar=aiohttp.DummyCookieJar(),
-        timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=config.timeout, sock_read=config.timeout
-        ),
+@contextlib.contextmanager
+def direct_client(config: ConnectorConfig, *, observer: Observer | None = None) -> Iterator[Client]:
+    """A short-lived client to one ERP with the connector's TLS settings and timeouts."""
+    client = Client(
+        ssl_context=proxy_ssl_context(config),
+        limit=DIRECT_LIMIT,
+        connect_timeout=config.timeout,
+        read_timeout=config.timeout,
+        observer=observer,
     )
     try:
-        yield session
+        yield client
     finally:
-        await session.close()
+        client.close()
 
 
 class FreshCredentials:
@@ -87,7 +86,7 @@ class FreshCredentials:
     async def close(self) -> None:
         """Revoke what was obtained (best effort): a test leaves no grant behind."""
         for token in self._issued:
-            with contextlib.suppress(TokenError, TimeoutError, OSError, aiohttp.ClientError):
+            with contextlib.suppress(TokenError, TimeoutError, OSError):
                 async with asyncio.timeout(self._timeout):
                     await self.authenticator.revoke(token)
         self._issued.clear()

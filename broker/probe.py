@@ -12,17 +12,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
+from .client import Failure, Observer, TransportError
 from .config import INFOR_CHECK_PATH, ConnectorConfig, IfsApps10Config, IfsPsoConfig
 from .connectors import build_authenticator
 from .credential import Token
-from .direct import FreshCredentials, direct_session
+from .direct import FreshCredentials, direct_client
 from .errors import CredentialsRejected, TokenError
 
 LOGIN, CHECK = "login", "check"
+#: The check endpoint's answer is read to its end (only its status counts): a project listing
+#: of a large IFS instance runs to some MiB.
+CHECK_LIMIT = 64 * 1024 * 1024
 
 
 def check_url(config: ConnectorConfig) -> str:
@@ -99,27 +102,18 @@ def _check_failure(config: ConnectorConfig, status: int) -> str:
     return what
 
 
-def _tracer(result: ProbeResult, phase: list[str]) -> aiohttp.TraceConfig:
+def _recorder(result: ProbeResult, phase: list[str]) -> Observer:
     """Records every HTTP exchange of a probe as a step (the URL without its query), named
-    after ``phase[0]``."""
-    trace = aiohttp.TraceConfig()
+    after ``phase[0]``; a failure names the phase of the exchange that failed."""
 
-    async def ended(
-        _session: aiohttp.ClientSession, _ctx: Any, params: aiohttp.TraceRequestEndParams
-    ) -> None:
-        url = params.url.with_query(None)
-        result.steps.append(f"{phase[0]}: {params.method} {url} -> {params.response.status}")
+    def record(method: str, url: str, outcome: int | Failure) -> None:
+        if isinstance(outcome, Failure):
+            shown = f"{outcome.phase} failed: {outcome.what}"
+        else:
+            shown = str(outcome)
+        result.steps.append(f"{phase[0]}: {method} {url} -> {shown}")
 
-    async def failed(
-        _session: aiohttp.ClientSession, _ctx: Any, params: aiohttp.TraceRequestExceptionParams
-    ) -> None:
-        url = params.url.with_query(None)
-        error = type(params.exception).__name__
-        result.steps.append(f"{phase[0]}: {params.method} {url} -> {error}")
-
-    trace.on_request_end.append(ended)
-    trace.on_request_exception.append(failed)
-    return trace
+    return record
 
 
 def _lifetime(token: Token) -> str:
@@ -138,8 +132,8 @@ async def probe(name: str, config: ConnectorConfig) -> ProbeResult:
     if not config.tls_verify:
         result.warnings.append(f"tls_verify is false: {URL(url).host}'s certificate is not checked")
     phase = [LOGIN]
-    async with direct_session(config, trace_configs=[_tracer(result, phase)]) as session:
-        authenticator = build_authenticator(config, session, time.time)
+    with direct_client(config, observer=_recorder(result, phase)) as client:
+        authenticator = build_authenticator(config, client, time.time)
         credentials = FreshCredentials(authenticator, timeout=config.token_timeout)
         try:
             started = time.perf_counter()
@@ -157,26 +151,18 @@ async def probe(name: str, config: ConnectorConfig) -> ProbeResult:
             headers: CIMultiDict[str] = CIMultiDict({"Accept": "application/json"})
             authenticator.apply(headers, token)
             started = time.perf_counter()
-            host = URL(url).host
             try:
                 async with asyncio.timeout(config.timeout):
-                    async with session.get(
-                        URL(url, encoded=True), headers=headers, allow_redirects=False
-                    ) as response:
-                        await response.read()
-                        result.check_status = response.status
+                    answer = await client.fetch(
+                        "GET", url, headers.items(), limit=CHECK_LIMIT, encoded=True
+                    )
             except TimeoutError:
                 result.message = f"the check endpoint did not answer within {config.timeout:g}s"
                 return result
-            except aiohttp.ClientSSLError as exc:
-                result.message = (
-                    f"TLS error talking to {host} ({type(exc).__name__}): check ca_file or "
-                    "the server certificate"
-                )
+            except TransportError as exc:
+                result.message = exc.failure.describe("the check endpoint")
                 return result
-            except (aiohttp.ClientError, OSError) as exc:
-                result.message = f"cannot reach {host}: {type(exc).__name__}: check domain/base_url"
-                return result
+            result.check_status = answer.status
             result.check_ms = round((time.perf_counter() - started) * 1000, 1)
             status = result.check_status
             if not 200 <= status < 300:

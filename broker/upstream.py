@@ -13,18 +13,18 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
-import aiohttp
 import structlog
 from multidict import CIMultiDict
 from yarl import URL
 
 from .audit import credential_id
+from .client import TRANSPORT_ERRORS, Client, transport_failure
 from .config import ConnectorConfig, IfsApps10Config, InforIonConfig, fingerprint
 from .connectors import build_authenticator
 from .credential import Token
 from .errors import ProxyError, RateLimited, UpstreamTimeout, UpstreamUnreachable
-from .http1 import InvalidHeader, Pool, StaleConnection, UpstreamError
 from .http1 import Response as Upstream
+from .http1 import StaleConnection, UpstreamError
 from .links import LinkRewriter
 from .matchers import ResponseRules
 from .metrics import ConnectorSeries, Metrics
@@ -167,32 +167,21 @@ class Connector:
         self.auth_statuses = frozenset({401, *config.auth_failure_statuses})
         #: auth_failure and retry_on matchers (statuses with a body or method condition).
         self.rules = ResponseRules(config.auth_failure_matchers(), config.retry_on_matchers())
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=CONNECTION_LIMIT, ssl=ssl_context(config), enable_cleanup_closed=True
-            ),
-            # Token requests and discovery: no decompression behind the app's back, no
-            # cookie jar shared between requests.
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=config.timeout, sock_read=config.timeout
-            ),
-        )
-        #: The proxy's connections to the ERP (token requests and discovery use ``session``).
-        self.pool = Pool(
-            self.host,
-            base.port or (443 if base.scheme == "https" else 80),
-            ssl_context=proxy_ssl_context(config) if base.scheme == "https" else None,
+        #: One client for everything this connector sends: the proxy's pool to the ERP and the
+        #: token endpoint's (the same pool when it is on the ERP's host), one TLS context.
+        self.client = Client(
+            ssl_context=proxy_ssl_context(config),
             limit=CONNECTION_LIMIT,
             connect_timeout=config.timeout,
             read_timeout=config.timeout,
             keepalive_timeout=config.keepalive_timeout,
         )
+        #: The proxy's connections to the ERP.
+        self.pool = self.client.pool(base)
         self._clock = clock
         #: The config the credentials come from (replaced when a secret file changes).
         self.credentials = config
-        self.authenticator: Authenticator = build_authenticator(config, self.session, clock)
+        self.authenticator: Authenticator = build_authenticator(config, self.client, clock)
         keepalive = grant_lifetime = None
         if isinstance(config, InforIonConfig):
             lifetime_days = config.grant_lifetime_days
@@ -257,7 +246,7 @@ class Connector:
         if key == self.store_key(self.credentials):
             return False
         self.credentials = config
-        self.authenticator = build_authenticator(config, self.session, self._clock)
+        self.authenticator = build_authenticator(config, self.client, self._clock)
         self.tokens.replace_credentials(self.authenticator, key)
         self._show_expiry(config)
         log.info("credentials_changed", connector=self.name)
@@ -433,22 +422,10 @@ class Connector:
             raise UpstreamUnreachable(
                 f"cannot reach {self.host}: the ERP closed the connection", connector=self.name
             ) from None
-        except TimeoutError:
-            raise UpstreamTimeout(
-                f"the ERP did not answer within {self.config.timeout:g}s", connector=self.name
-            ) from None
-        except ssl.SSLError as exc:
-            raise UpstreamUnreachable(
-                f"TLS error talking to {self.host} ({type(exc).__name__}): check ca_file "
-                "or the server certificate",
-                connector=self.name,
-            ) from None
-        except InvalidHeader as exc:
-            raise UpstreamUnreachable(str(exc), connector=self.name) from None
-        except (UpstreamError, OSError) as exc:
-            raise UpstreamUnreachable(
-                f"cannot reach {self.host}: {exc or type(exc).__name__}", connector=self.name
-            ) from None
+        except TRANSPORT_ERRORS as exc:
+            failure = transport_failure(exc, self.pool)
+            error = UpstreamTimeout if failure.timeout else UpstreamUnreachable
+            raise error(failure.describe("the ERP"), connector=self.name) from None
         finally:
             self.series.upstream_duration.observe(time.perf_counter() - started)
 
@@ -532,5 +509,4 @@ class Connector:
 
     async def close(self, *, revoke: bool) -> None:
         await self.tokens.stop(revoke=revoke)
-        self.pool.close()
-        await self.session.close()
+        self.client.close()

@@ -57,13 +57,16 @@ RUN = textwrap.dedent(
 )
 
 
-async def modules_of_running_broker(config: dict[str, Any], workdir: Path) -> set[str]:
+async def modules_of_running_broker(
+    config: dict[str, Any], workdir: Path, *, script: str = RUN
+) -> set[str]:
+    """``sys.modules`` as ``script`` (given the config file) prints it, in a fresh process."""
     path = workdir / "broker.yaml"
     path.write_text(yaml.safe_dump(config))
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
-        RUN,
+        script,
         str(path),
         cwd=workdir,
         stdout=asyncio.subprocess.PIPE,

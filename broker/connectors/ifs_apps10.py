@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import aiohttp
 from multidict import CIMultiDict
 
+from ..client import Client
 from ..config import IfsApps10Config
 from ..credential import Token, token_from_oauth
 from ..errors import TokenEndpointError
@@ -57,11 +57,9 @@ def keycloak_hints(config: IfsApps10Config) -> Hints:
 class IfsApps10Authenticator(OAuthGrants):
     """Keycloak or native provider grants, or HTTP Basic; the credential on every call."""
 
-    def __init__(
-        self, config: IfsApps10Config, session: aiohttp.ClientSession, clock: Clock
-    ) -> None:
+    def __init__(self, config: IfsApps10Config, http: Client, clock: Clock) -> None:
         self._config = config
-        self._session = session
+        self._http = http
         self._clock = clock
         self.token_url = config.resolved_token_url() if config.auth != BASIC_GRANT else ""
         self.login_grant = {"password": "password", "client_credentials": "client_credentials"}.get(
@@ -77,7 +75,7 @@ class IfsApps10Authenticator(OAuthGrants):
         form = {**form, **config.token_params}
         form |= {"client_id": config.client_id, "client_secret": config.client_secret.get()}
         now = self._clock()
-        status, body = await post_form(self._session, self.token_url, form)
+        status, body = await post_form(self._http, self.token_url, form)
         body = classify_oauth(status, body, grant=grant, hints=self._hints)
         token = token_from_oauth(
             body,
@@ -130,7 +128,7 @@ class IfsApps10Authenticator(OAuthGrants):
         assert config.client_id is not None and config.client_secret is not None
         logout = self.token_url.rsplit("/", 1)[0] + "/logout"
         await post_form(
-            self._session,
+            self._http,
             logout,
             {
                 "client_id": config.client_id,

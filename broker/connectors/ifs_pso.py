@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import aiohttp
 from multidict import CIMultiDict
 
+from ..client import Client
 from ..config import IfsPsoConfig
 from ..credential import Token
 from ..errors import CredentialsRejected, TokenEndpointError
@@ -61,9 +61,9 @@ class IfsPsoAuthenticator:
 
     login_grant = "session"
 
-    def __init__(self, config: IfsPsoConfig, session: aiohttp.ClientSession, clock: Clock) -> None:
+    def __init__(self, config: IfsPsoConfig, http: Client, clock: Clock) -> None:
         self._config = config
-        self._session = session
+        self._http = http
         self._clock = clock
         self.session_url = config.session_url()
 
@@ -72,7 +72,7 @@ class IfsPsoAuthenticator:
         now = self._clock()
         # In the body, never the query string: the Gateway refuses that since 6.11.
         status, body = await post_form(
-            self._session,
+            self._http,
             self.session_url,
             {
                 "accountId": config.account_id,

@@ -8,9 +8,9 @@ never sent again. On shutdown the grant is given back at ``pu`` + ``or``.
 
 from __future__ import annotations
 
-import aiohttp
 from multidict import CIMultiDict
 
+from ..client import Client
 from ..config import InforIonConfig
 from ..credential import Token, token_from_oauth
 from ..errors import TokenEndpointError
@@ -33,11 +33,9 @@ class InforIonAuthenticator(OAuthGrants):
 
     login_grant = "password"
 
-    def __init__(
-        self, config: InforIonConfig, session: aiohttp.ClientSession, clock: Clock
-    ) -> None:
+    def __init__(self, config: InforIonConfig, http: Client, clock: Clock) -> None:
         self._config = config
-        self._session = session
+        self._http = http
         self._clock = clock
         ion = config.ion
         self.token_url = ion.token_url()
@@ -52,7 +50,7 @@ class InforIonAuthenticator(OAuthGrants):
         self, grant: str, form: dict[str, str], previous: Token | None = None
     ) -> Token:
         now = self._clock()
-        status, body = await post_form(self._session, self.token_url, form, client=self._client)
+        status, body = await post_form(self._http, self.token_url, form, client=self._client)
         body = classify_oauth(status, body, grant=grant, hints=HINTS)
         return token_from_oauth(
             body,
@@ -75,7 +73,7 @@ class InforIonAuthenticator(OAuthGrants):
             form = {"token": token.refresh, "token_type_hint": "refresh_token"}
         else:
             form = {"token": token.access, "token_type_hint": "access_token"}
-        status, body = await post_form(self._session, self.revoke_url, form, client=self._client)
+        status, body = await post_form(self._http, self.revoke_url, form, client=self._client)
         if status != 200:
             raise TokenEndpointError(
                 f"the revocation endpoint answered {status} {describe(body)}".rstrip()

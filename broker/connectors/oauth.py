@@ -11,11 +11,12 @@ import base64
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
-import aiohttp
 import orjson
-from yarl import URL
 
+from .. import __version__
+from ..client import Client, TransportError
 from ..credential import Token
 from ..errors import CredentialsRejected, RefreshRejected, TokenEndpointError
 from ..secrets import scrub
@@ -55,8 +56,8 @@ def describe(body: Any) -> str:
     return scrub(text)[:200]
 
 
-async def read_json(response: aiohttp.ClientResponse) -> Any:
-    raw = await response.read()
+def parse_json(raw: bytes) -> Any:
+    """The JSON of a token answer, or None (empty, or not JSON)."""
     if not raw.strip():
         return None
     try:
@@ -70,39 +71,35 @@ def basic_auth(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
 
 
+#: Sent with every token request: no compressed answer (nothing inflates it), and a name.
+FORM_HEADERS = (
+    ("Accept", "application/json"),
+    ("Accept-Encoding", "identity"),
+    ("Content-Type", "application/x-www-form-urlencoded"),
+    ("User-Agent", f"erp-broker/{__version__}"),
+)
+
+
 async def post_form(
-    session: aiohttp.ClientSession,
+    http: Client,
     url: str,
     form: Mapping[str, str],
     *,
     client: tuple[str, str] | None = None,
 ) -> tuple[int, Any]:
-    """POST a form, returning (status, parsed JSON or None); network errors are transient.
+    """POST a form, returning (status, parsed JSON or None); transport failures are transient.
 
-    ``client`` (id, secret) is sent as HTTP Basic authentication.
+    ``client`` (id, secret) is sent as HTTP Basic authentication. No redirect is followed, no
+    cookie kept, and the answer is bounded (:data:`broker.client.MAX_ANSWER`).
     """
-    headers = {"Accept": "application/json"}
+    headers = list(FORM_HEADERS)
     if client is not None:
-        headers["Authorization"] = basic_auth(*client)
+        headers.append(("Authorization", basic_auth(*client)))
     try:
-        async with session.post(
-            url,
-            data=dict(form),
-            headers=headers,
-            allow_redirects=False,
-        ) as response:
-            return response.status, await read_json(response)
-    except aiohttp.ClientSSLError as exc:
-        raise TokenEndpointError(
-            f"TLS error talking to the token endpoint ({type(exc).__name__}): check ca_file "
-            "or the server certificate"
-        ) from None
-    except (aiohttp.ClientError, OSError) as exc:
-        target = URL(url)
-        raise TokenEndpointError(
-            f"cannot reach the token endpoint {target.host}:{target.port} "
-            f"({type(exc).__name__}): check domain/base_url and that the host is reachable"
-        ) from None
+        answer = await http.fetch("POST", url, headers, urlencode(dict(form)).encode("ascii"))
+    except TransportError as exc:
+        raise TokenEndpointError(exc.failure.describe("the token endpoint")) from None
+    return answer.status, parse_json(answer.body)
 
 
 INVALID_CREDENTIALS = "invalid_credentials"

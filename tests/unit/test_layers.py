@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "broker"
 
 #: The wire: HTTP/1.1 framing and flow control, knowing nothing of ERPs, tokens or errors.
-WIRE = {"broker.server", "broker.http1", "broker.flow"}
+WIRE = {"broker.server", "broker.http1", "broker.flow", "broker.client"}
 #: What the wire may never import.
 ABOVE_WIRE = (
     "broker.proxy",
