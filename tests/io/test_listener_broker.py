@@ -16,7 +16,7 @@ from broker.config import parse_config
 from broker.errors import ConfigError
 from broker.sandbox import IfsApps10Sim
 
-from ..conftest import BrokerFactory, ifs_connector, metric
+from ..conftest import BrokerFactory, ifs_connector, metric, offline_pso_connector
 from .test_server import LIMIT, Client, assert_refused, until
 
 
@@ -114,17 +114,7 @@ class TestKeepaliveAndLingeringConfig:
     def test_defaults_overrides_and_bad_values(self) -> None:
         """``client_timeouts.keepalive`` (75 s) and ``.lingering`` (10 s): given, they
         replace the default; 0 or less is refused at check time, naming the key."""
-        base: dict[str, Any] = {
-            "connectors": {
-                "x": {
-                    "type": "ifs_pso",
-                    "base_url": "https://e",
-                    "account_id": "a",
-                    "username": "u",
-                    "password": "p",
-                }
-            }
-        }
+        base: dict[str, Any] = {"connectors": {"x": offline_pso_connector()}}
         timeouts = parse_config(base).client_timeouts
         assert (timeouts.keepalive, timeouts.lingering) == (75, 10)
         given = {"keepalive": 5, "lingering": 2.5}
