@@ -134,7 +134,10 @@ class TestKeepaliveAndLingeringConfig:
             {"ifs": ifs_connector(ifs_sim, ca_file)}, client_timeouts={"keepalive": 0.3}
         )
         await server.broker.wait_ready(LIMIT)
-        for port, path in ((server.proxy_port, "/ifs/_test/echo/x"), (server.admin_port, "/healthz")):
+        for port, path in (
+            (server.proxy_port, "/ifs/_test/echo/x"),
+            (server.admin_port, "/healthz"),
+        ):
             async with asyncio.timeout(LIMIT):
                 client = await Client.connect(port)
                 try:
