@@ -10,7 +10,12 @@ CA bundle that the broker gets as ``SSL_CERT_FILE``: the connectors have no ``ca
 against an ERP with a public certificate. Prints one JSON object. Bounded in time: every wait
 has a deadline.
 
-    python -m bench.footprint [--repeat 3] [--settle 3] [--connections 1000] [--tls]
+The broker runs from bytecode, as in the image (pip compiles every module of the wheel it
+installs): a copy of `broker/` is compiled once, and the broker processes import it. An editable install under ``PYTHONDONTWRITEBYTECODE`` would compile
+each module from source at every start instead, and keep ~1 MiB more (``--source`` measures
+that).
+
+    python -m bench.footprint [--repeat 3] [--settle 3] [--connections 1000] [--tls] [--source]
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import ssl
 import statistics
@@ -132,7 +138,24 @@ def _read_answer(sock: socket.socket) -> None:
         body += chunk
 
 
-def one_run(sims: SimThread, settle: float, connections: int) -> dict[str, Any]:
+def bytecode_env(workdir: Path) -> dict[str, str]:
+    """The environment of a broker that runs from bytecode: a copy of `broker/` compiled in
+    ``workdir`` (as the image's wheel install compiles it), first on the path."""
+    source = workdir / "src"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "broker", source / "broker")
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", str(source)],
+        env={k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"},
+        check=True,
+        timeout=120,
+    )
+    path = os.pathsep.join(p for p in (str(source), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def one_run(
+    sims: SimThread, settle: float, connections: int, env: dict[str, str]
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="footprint-") as tmp:
         workdir = Path(tmp)
         port, admin = free_port(), free_port()
@@ -147,7 +170,7 @@ def one_run(sims: SimThread, settle: float, connections: int) -> dict[str, Any]:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=workdir,
-            env={**os.environ, **sims.env},
+            env={**env, **sims.env},
         )
         held: list[socket.socket] = []
         try:
@@ -191,16 +214,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=3.0, help="seconds before reading RSS")
     parser.add_argument("--connections", type=int, default=0, help="idle client connections")
     parser.add_argument("--tls", action="store_true", help="HTTPS simulators, system CA path")
+    parser.add_argument("--source", action="store_true", help="no bytecode: compile each start")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="footprint-sims-") as tmp:
+        env = dict(os.environ) if args.source else bytecode_env(Path(tmp))
         sims = SimThread(Path(tmp), args.tls)
         try:
-            runs = [one_run(sims, args.settle, args.connections) for _ in range(args.repeat)]
+            runs = [one_run(sims, args.settle, args.connections, env) for _ in range(args.repeat)]
         finally:
             sims.stop()
     summary: dict[str, Any] = {
         "commit": _commit(),
         "tls": args.tls,
+        "bytecode": not args.source,
         "runs": runs,
         "idle_rss_mib_median": statistics.median(r["idle"]["rss_mib"] for r in runs),
     }

@@ -1,9 +1,10 @@
 """The one place where errors become HTTP answers: a broker error
-(:class:`~broker.errors.ProxyError`), a request the proxy listener refused itself
-(:class:`~broker.server.Refusal`, which speaks HTTP statuses only) or an admin request aiohttp
-found no route for becomes a status, the JSON body ``{"error": {"code", "message",
-"connector"}}`` and an ``X-Broker-Error`` header — on the proxy listener as a
-:class:`~broker.server.Response`, on the admin listener as aiohttp's ``web.Response``.
+(:class:`~broker.errors.ProxyError`), a request a listener refused itself
+(:class:`~broker.server.Refusal`, which speaks HTTP statuses only) or an admin request with no
+endpoint becomes a status, the JSON body ``{"error": {"code", "message", "connector"}}`` and an
+``X-Broker-Error`` header, as a :class:`~broker.server.Response` on either listener. The status
+page's refusals (another origin; a guard or lookup that failed, shown on the page itself) are
+made here too.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from aiohttp import web
 
 from .errors import ProxyError
 from .server import Refusal, Response
@@ -64,16 +64,35 @@ def admin_answer(
     message: str,
     connector: str | None = None,
     headers: dict[str, str] | None = None,
-) -> web.Response:
-    """An error as the admin listener (aiohttp) answers it."""
-    return web.Response(
-        status=status,
-        body=orjson.dumps(error_payload(code, message, connector)),
-        content_type="application/json",
-        headers={ERROR_HEADER: code, **(headers or {})},
+) -> Response:
+    """An error as the admin listener answers it."""
+    return json_response(
+        status,
+        error_payload(code, message, connector),
+        [(ERROR_HEADER, code), *(headers or {}).items()],
     )
 
 
-def admin_error(error: ProxyError) -> web.Response:
+def admin_error(error: ProxyError) -> Response:
     """A broker error as the admin listener answers it."""
     return admin_answer(error.status, error.code, error.message, error.connector)
+
+
+def page_error(error: ProxyError, page: str, headers: dict[str, str]) -> Response:
+    """A broker error on the status page (an action's guard refused, no such connector): the
+    error's status, and the page itself, whose banner tells the error (a person reads it)."""
+    return Response(
+        error.status,
+        [*headers.items(), ("Content-Type", "text/html; charset=utf-8")],
+        page.encode(),
+    )
+
+
+def page_refusal(reason: str, headers: dict[str, str]) -> Response:
+    """A status page action that another origin's page sent: 403, in plain text (nothing of
+    the page for another site to show)."""
+    return Response(
+        403,
+        [*headers.items(), ("Content-Type", "text/plain; charset=utf-8")],
+        f"refused: {reason}\n".encode(),
+    )

@@ -1,8 +1,11 @@
 """The broker's two listeners around a :class:`~broker.runtime.Broker`, and their lifecycle.
 
-Resources are set up in dependency order (store → connectors → proxy listener → admin
-listener) and torn down in reverse by :meth:`BrokerServer.stop`; a SIGTERM drains the proxy
-listener first, so in-flight requests finish while readiness already reports "draining".
+Both listeners are :class:`~broker.server.Server` instances: the proxy's handler on
+``listen``, the admin API's (:class:`~broker.admin.Admin`) on ``admin_listen``. Resources are
+set up in dependency order (store → connectors → proxy listener → admin listener) and torn
+down in reverse by :meth:`BrokerServer.stop`; a SIGTERM drains the proxy listener first, so
+in-flight requests finish while readiness (on the admin listener, still up) already reports
+"draining".
 """
 
 from __future__ import annotations
@@ -11,17 +14,20 @@ import asyncio
 import gc
 
 import structlog
-from aiohttp import web
 
+from .admin import Admin, refusal
 from .answers import refusal_answer
 from .config import Config
 from .errors import BrokerError
 from .memory import give_back_memory
 from .ports import reserve
 from .runtime import Broker
-from .server import Server, Timeouts
+from .server import Handler, RefusalAnswer, Server, Timeouts
 
 log = structlog.get_logger("broker.app")
+
+#: At shutdown, how long admin requests in flight (a scrape, a refresh) get to finish.
+ADMIN_GRACE = 2.0
 
 
 class BrokerServer:
@@ -30,7 +36,8 @@ class BrokerServer:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self._proxy_server: Server | None = None
-        self._admin_runner: web.AppRunner | None = None
+        self._admin_server: Server | None = None
+        self._admin: Admin | None = None
         self.proxy_port = 0
         self.admin_port = 0
 
@@ -57,31 +64,18 @@ class BrokerServer:
                     sock.close()
 
     async def _start(self) -> None:
-        from .admin import admin_app
-
         broker = self.broker
         await broker.start()
         assert broker.proxy is not None
         config = broker.config
         try:
-            timeouts = config.client_timeouts
-            self._proxy_server = Server(
-                broker.proxy.handle,
-                refusal=refusal_answer,
-                timeouts=Timeouts(timeouts.header, timeouts.body, timeouts.write),
+            self._proxy_server, self.proxy_port = await _listen(
+                broker.proxy.handle, refusal_answer, config, *config.listen_address, "listen"
             )
-            host, port = config.listen_address
-            try:
-                self.proxy_port = await self._proxy_server.listen(host, port)
-            except OSError as exc:
-                message = f"listen: cannot listen on {host}:{port}: {exc.strerror}"
-                raise BrokerError(message) from None
-            self._admin_runner = web.AppRunner(
-                admin_app(self), access_log=None, handle_signals=False, shutdown_timeout=2.0
-            )
-            await self._admin_runner.setup()
-            self.admin_port = await _listen(
-                self._admin_runner, *config.admin_address, "admin_listen"
+            self._admin = Admin(self)
+            await self._admin.start()
+            self._admin_server, self.admin_port = await _listen(
+                self._admin.handle, refusal, config, *config.admin_address, "admin_listen"
             )
         except BaseException:
             await self.stop(revoke=False)
@@ -102,9 +96,12 @@ class BrokerServer:
             await self._proxy_server.shutdown(broker.config.grace_period)
             self._proxy_server = None
         await broker.close(revoke=revoke)
-        if self._admin_runner is not None:
-            await self._admin_runner.cleanup()
-            self._admin_runner = None
+        if self._admin_server is not None:
+            await self._admin_server.shutdown(ADMIN_GRACE)
+            self._admin_server = None
+        if self._admin is not None:
+            await self._admin.close()
+            self._admin = None
         log.info("broker_stopped")
 
 
@@ -119,15 +116,22 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-async def _listen(runner: web.BaseRunner, host: str, port: int, key: str) -> int:
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+async def _listen(
+    handler: Handler, refusal: RefusalAnswer, config: Config, host: str, port: int, key: str
+) -> tuple[Server, int]:
+    """A listener serving ``handler`` on ``host:port`` (the config's ``key``); its bound port."""
+    timeouts = config.client_timeouts
+    server = Server(
+        handler,
+        refusal=refusal,
+        timeouts=Timeouts(
+            timeouts.header, timeouts.body, timeouts.write, timeouts.keepalive, timeouts.lingering
+        ),
+    )
     try:
-        await site.start()
+        return server, await server.listen(host, port)
     except OSError as exc:
         raise BrokerError(f"{key}: cannot listen on {host}:{port}: {exc.strerror}") from None
-    # The runner serves this one site: its first address is the bound one (port 0 resolved).
-    addresses = runner.addresses
-    return int(addresses[0][1]) if addresses else port
 
 
 #: Allocations between young-generation collections (CPython's default is 700).

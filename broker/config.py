@@ -41,6 +41,8 @@ from .errors import ConfigError
 from .http1 import KEEPALIVE_TIMEOUT
 from .redis_url import check_redis_url
 from .secrets import MASK, Secret
+from .server import KEEPALIVE_TIMEOUT as LISTENER_KEEPALIVE
+from .server import LINGERING_TIME
 
 DEFAULT_CONFIG_PATH = "./config/broker.yaml"
 CONFIG_ENV = "ERP_BROKER_CONFIG"
@@ -492,11 +494,18 @@ class StoreConfig(_Model):
 
 
 class ClientTimeouts(_Model):
-    """Seconds the proxy listener waits for the app (nginx's defaults)."""
+    """Seconds the listeners wait for the app (nginx's defaults; keep-alive and lingering
+    aiohttp's). The admin listener has the same."""
 
     header: float = Field(default=60.0, gt=0, description="for a request's head, then 408")
     body: float = Field(default=60.0, gt=0, description="between two body pieces, then 408")
     write: float = Field(default=60.0, gt=0, description="for an app that reads nothing")
+    keepalive: float = Field(
+        default=LISTENER_KEEPALIVE, gt=0, description="an idle keep-alive connection, then closed"
+    )
+    lingering: float = Field(
+        default=LINGERING_TIME, gt=0, description="reading and dropping what a closed app sends"
+    )
 
 
 #: What ``tracing`` needs installed: the ``otel`` extra.

@@ -23,11 +23,13 @@ from html import escape
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
 from yarl import URL
 
 from . import __version__
-from .errors import ProxyError
+from .answers import page_error, page_refusal
+from .errors import NoRoute, ProxyError
+from .routes import AdminRequest, Router
+from .server import Response
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -43,7 +45,7 @@ WINDOW_MINUTES = 5
 RESULTS_KEPT = 32
 
 ConnectorInfo = Callable[["Connector"], dict[str, Any]]
-Guard = Callable[[web.Request, str | None], None]
+Guard = Callable[[AdminRequest, str | None], None]
 
 
 @dataclass(slots=True)
@@ -122,13 +124,14 @@ class StatusPage:
         self.activity = Activity(server.broker.metrics)
         self.results: OrderedDict[str, Banner] = OrderedDict()
 
-    def add_routes(self, app: web.Application) -> None:
-        app.router.add_get("/", self.show)
-        app.router.add_post("/page/connectors/{name}/refresh", self.refresh)
-        app.router.add_post("/page/connectors/{name}/test", self.test)
-        app.cleanup_ctx.append(self._sampling)
+    def add_routes(self, router: Router) -> None:
+        router.add_get("/", self.show)
+        router.add_post("/page/connectors/{name}/refresh", self.refresh)
+        router.add_post("/page/connectors/{name}/test", self.test)
+        router.background.append(self._sampling)
 
-    async def _sampling(self, app: web.Application) -> AsyncIterator[None]:
+    @contextlib.asynccontextmanager
+    async def _sampling(self) -> AsyncIterator[None]:
         async def loop() -> None:
             while True:
                 self.activity.sample()
@@ -142,14 +145,14 @@ class StatusPage:
 
     # -- handlers ----------------------------------------------------------------------------
 
-    async def show(self, request: web.Request) -> web.Response:
+    async def show(self, request: AdminRequest) -> Response:
         banner = self.results.get(request.query.get("result", ""))
         return self._page(banner)
 
-    async def refresh(self, request: web.Request) -> web.StreamResponse:
+    async def refresh(self, request: AdminRequest) -> Response:
         return await self._act(request, "refresh", self._refresh)
 
-    async def test(self, request: web.Request) -> web.StreamResponse:
+    async def test(self, request: AdminRequest) -> Response:
         return await self._act(request, "test", self._test)
 
     async def _refresh(self, connector: Connector) -> Banner:
@@ -184,48 +187,58 @@ class StatusPage:
 
     async def _act(
         self,
-        request: web.Request,
+        request: AdminRequest,
         action: str,
         run: Callable[[Connector], Awaitable[Banner]],
-    ) -> web.StreamResponse:
+    ) -> Response:
         refusal = cross_site(request)
         if refusal is not None:
-            return web.Response(
-                status=403, text=f"refused: {refusal}\n", headers=_security_headers("")
-            )
-        form = await request.post()
+            return page_refusal(refusal, _security_headers(""))
+        form = await request.form()
         sent = form.get("admin_token")
         try:
-            self.guard(request, sent if isinstance(sent, str) and sent else None)
+            self.guard(request, sent or None)
         except ProxyError as exc:
-            return self._page(Banner(False, f"{action} refused: {exc}"), status=403)
+            return self._error(exc, Banner(False, f"{action} refused: {exc}"))
         name = request.match_info["name"]
         connector = self.server.broker.connectors.get(name)
         if connector is None:
-            return self._page(Banner(False, f"no connector named {name!r}"), status=404)
+            message = f"no connector named {name!r}"
+            return self._error(NoRoute(message), Banner(False, message))
         banner = await run(connector)
         key = secrets.token_urlsafe(9)
         self.results[key] = banner
         while len(self.results) > RESULTS_KEPT:
             self.results.popitem(last=False)
         # 303: the browser comes back with a GET, so a reload never repeats the action.
-        raise web.HTTPSeeOther(f"/?result={key}#{_anchor(name)}")
+        location = f"/?result={key}#{_anchor(name)}"
+        return Response(
+            303,
+            [("Location", location), ("Content-Type", "text/plain; charset=utf-8")],
+            b"303: See Other",
+        )
 
     # -- rendering ---------------------------------------------------------------------------
 
-    def _page(self, banner: Banner | None, status: int = 200) -> web.Response:
+    def _render(self, banner: Banner | None) -> tuple[str, dict[str, str]]:
         nonce = secrets.token_urlsafe(16)
         body = render(self.server, self.info, self.activity, banner, nonce)
-        return web.Response(
-            text=body,
-            status=status,
-            content_type="text/html",
-            charset="utf-8",
-            headers=_security_headers(nonce),
+        return body, _security_headers(nonce)
+
+    def _page(self, banner: Banner | None) -> Response:
+        body, headers = self._render(banner)
+        return Response(
+            200,
+            [*headers.items(), ("Content-Type", "text/html; charset=utf-8")],
+            body.encode(),
         )
 
+    def _error(self, error: ProxyError, banner: Banner) -> Response:
+        """The page again, its banner telling ``error``, with the error's status."""
+        return page_error(error, *self._render(banner))
 
-def cross_site(request: web.Request) -> str | None:
+
+def cross_site(request: AdminRequest) -> str | None:
     """Why a state-changing request does not come from this page's own origin, or None.
 
     Browsers send ``Sec-Fetch-Site``; older ones ``Origin``; ``Referer`` is the last resort.

@@ -314,6 +314,13 @@ class Request:
     async def read(self) -> bytes:
         return await self.content.read()
 
+    @property
+    def remote(self) -> str | None:
+        """The client's address (its host, without the port), if the socket has one."""
+        transport = self._conn.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        return str(peer[0]) if isinstance(peer, tuple) and peer else None
+
     # -- streaming an answer --------------------------------------------------------------
 
     def start(

@@ -14,14 +14,15 @@ from urllib.parse import unquote
 
 import orjson
 import pytest
-from aiohttp.test_utils import make_mocked_request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from multidict import CIMultiDict, CIMultiDictProxy
 from structlog.testing import capture_logs
 
-from broker.admin import SERVER, Forbidden, _require_operator
+from broker.admin import Forbidden, _require_operator
 from broker.app import Broker, BrokerServer
 from broker.config import parse_config
+from broker.routes import AdminRequest
 from broker.sandbox import IfsApps10Sim
 
 from .conftest import BrokerFactory, ifs_connector
@@ -300,18 +301,13 @@ class TestAdminGuard:
     def _request(
         self, server: BrokerServer, peer: str, headers: dict[str, str] | None = None
     ) -> Any:
-        transport = type(
-            "T",
-            (),
-            {
-                "get_extra_info": lambda self, name, default=None: (
-                    (peer, 1234) if name == "peername" else default
-                )
-            },
-        )()
-        app: Any = {SERVER: server}
-        return make_mocked_request(
-            "POST", "/connectors/ifs/refresh", headers=headers or {}, transport=transport, app=app
+        return AdminRequest(
+            server,
+            "POST",
+            "/connectors/ifs/refresh",
+            CIMultiDictProxy(CIMultiDict(headers or {})),
+            peer,
+            match_info={"name": "ifs"},
         )
 
     def _server(self, **top: Any) -> BrokerServer:

@@ -1,6 +1,6 @@
 """The status page below the browser: what it renders over HTTP, and the peers and origins a
 browser test cannot fake (every test server listens on loopback, so a non-loopback peer exists
-only as a mocked request, as in tests/test_security.py's TestAdminGuard).
+only as a request built by hand, as in tests/test_security.py's TestAdminGuard).
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import make_mocked_request
+from multidict import CIMultiDict, CIMultiDictProxy
 
-from broker.admin import SERVER, _require_operator, connector_info
+from broker.admin import _require_operator, connector_info
 from broker.app import Broker, BrokerServer
 from broker.config import parse_config
 from broker.page import StatusPage, cross_site, render_error
+from broker.routes import AdminRequest
 from broker.sandbox import IfsApps10Sim
 from tests.conftest import BrokerFactory, ifs_connector
 
@@ -36,22 +37,12 @@ def server(**top: Any) -> BrokerServer:
 
 
 def request(peer: str, headers: dict[str, str] | None = None, target: Any = None) -> Any:
-    transport = type(
-        "T",
-        (),
-        {
-            "get_extra_info": lambda self, name, default=None: (
-                (peer, 1234) if name == "peername" else default
-            )
-        },
-    )()
-    app: Any = {SERVER: target or server()}
-    return make_mocked_request(
+    return AdminRequest(
+        target or server(),
         "POST",
         "/page/connectors/nowhere/refresh",
-        headers={"Host": "127.0.0.1:9091", **(headers or {})},
-        transport=transport,
-        app=app,
+        CIMultiDictProxy(CIMultiDict({"Host": "127.0.0.1:9091", **(headers or {})})),
+        peer,
         match_info={"name": "nowhere"},
     )
 

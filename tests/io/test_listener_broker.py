@@ -16,7 +16,7 @@ from broker.config import parse_config
 from broker.errors import ConfigError
 from broker.sandbox import IfsApps10Sim
 
-from ..conftest import BrokerFactory, ifs_connector, metric
+from ..conftest import BrokerFactory, ifs_connector, metric, offline_pso_connector
 from .test_server import LIMIT, Client, assert_refused, until
 
 
@@ -108,3 +108,66 @@ class TestClientTimeoutsConfig:
         assert [line["status"] for line in logs if line["event"] == "request"] == [408]
         labels = {"connector": "ifs", "method": "POST"}
         assert metric(server, "erp_broker_requests_total", status="408", **labels) == 1
+
+
+class TestKeepaliveAndLingeringConfig:
+    def test_defaults_overrides_and_bad_values(self) -> None:
+        """``client_timeouts.keepalive`` (75 s) and ``.lingering`` (10 s): given, they
+        replace the default; 0 or less is refused at check time, naming the key."""
+        base: dict[str, Any] = {"connectors": {"x": offline_pso_connector()}}
+        timeouts = parse_config(base).client_timeouts
+        assert (timeouts.keepalive, timeouts.lingering) == (75, 10)
+        given = {"keepalive": 5, "lingering": 2.5}
+        timeouts = parse_config({**base, "client_timeouts": given}).client_timeouts
+        assert (timeouts.keepalive, timeouts.lingering, timeouts.header) == (5, 2.5, 60)
+        with pytest.raises(ConfigError) as info:
+            parse_config({**base, "client_timeouts": {"keepalive": 0, "lingering": -1}})
+        text = str(info.value)
+        assert "client_timeouts.keepalive" in text and "client_timeouts.lingering" in text
+
+    async def test_keepalive_closes_idle_connections_on_both_listeners(
+        self, ifs_sim: IfsApps10Sim, make_broker: BrokerFactory, ca_file: str
+    ) -> None:
+        """``client_timeouts.keepalive: 0.3``: a connection left idle after its answer is
+        closed by the broker, on the proxy listener and on the admin listener alike."""
+        server = await make_broker(
+            {"ifs": ifs_connector(ifs_sim, ca_file)}, client_timeouts={"keepalive": 0.3}
+        )
+        await server.broker.wait_ready(LIMIT)
+        for port, path in (
+            (server.proxy_port, "/ifs/_test/echo/x"),
+            (server.admin_port, "/healthz"),
+        ):
+            async with asyncio.timeout(LIMIT):
+                client = await Client.connect(port)
+                try:
+                    await client.send(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                    answer = await client.response()
+                    assert answer.status == 200 and answer.get("Connection") is None
+                    assert await client.rest() == b""  # closed by the broker, idle
+                finally:
+                    client.close()
+
+    async def test_lingering_ends_on_the_admin_listener(
+        self, ifs_sim: IfsApps10Sim, make_broker: BrokerFactory, ca_file: str
+    ) -> None:
+        """``client_timeouts.lingering: 0.3``: an admin answer sent before a large body
+        arrived closes the connection lingering; a client that goes on sending is cut off
+        once the lingering time is over, not after the default 10 s."""
+        server = await make_broker(
+            {"ifs": ifs_connector(ifs_sim, ca_file)}, client_timeouts={"lingering": 0.3}
+        )
+        async with asyncio.timeout(LIMIT):
+            client = await Client.connect(server.admin_port)
+            try:
+                await client.send(
+                    b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n"
+                )
+                answer = await client.response()
+                assert answer.status == 405 and answer.get("Connection") == "close"
+                with pytest.raises(OSError):
+                    for _ in range(int(LIMIT / 0.05)):  # a trickle, bounded by the limit
+                        await client.send(b"x" * 1024)
+                        await asyncio.sleep(0.05)
+            finally:
+                client.close()
