@@ -2,6 +2,7 @@
 
     python -m bench.profile [--seconds 8] [--runs 5] TARGET...
     python -m bench.profile --py-spy out.svg erp-broker
+    python -m bench.profile --tls minimal erp-broker   # TLS to the origin, as deployed
 
 TARGET is ``minimal``, ``nginx``, ``erp-broker``, or ``erp-broker@/path`` — a broker whose
 ``broker`` package is imported from /path (a copy of an older tree: the before of an
@@ -25,17 +26,19 @@ from pathlib import Path
 import yaml
 
 from .procs import LOAD_CPU, SUT_CPU, free_port
-from .runner import Bench, Settings, Target, preflight, workdir, wrk
+from .runner import TLS, Bench, Settings, Target, preflight, workdir, wrk
 
 
-def start(bench: Bench, spec: str, targets: dict[str, Target]) -> Target:
+def start(bench: Bench, spec: str, targets: dict[str, Target], tls: bool) -> Target:
     if spec in targets:
         return targets[spec]
     name, _, path = spec.partition("@")
     name, _, variant = name.partition("+")
     if name != "erp-broker" or not (path or variant in ("tracing", "tracing-dead")):
         raise SystemExit(f"unknown target {spec!r}")
-    config, port, admin = bench.broker_config(f"broker-{len(bench.procs)}", bench.token_url)
+    config, port, admin = bench.broker_config(
+        f"broker-{len(bench.procs)}", bench.token_url, tls=tls
+    )
     if variant:
         endpoint = bench.sink if variant == "tracing" else f"http://127.0.0.1:{free_port()}"
         data = yaml.safe_load(config.read_text())
@@ -62,6 +65,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--path", default="/small")
     parser.add_argument("--py-spy", dest="py_spy", help="record the first target with py-spy")
+    parser.add_argument("--tls", action="store_true", help="every proxy reaches the origin by TLS")
     args = parser.parse_args()
     preflight()
     with workdir(False) as path:
@@ -71,8 +75,11 @@ def main() -> int:
             bench.start_sink()
             bench.token_url = bench.start_token_server("token-server", 3600)
             bench.token = bench.fetch_token(bench.token_url)
-            standard = {t.name: t for t in bench.targets()}
-            chosen = [start(bench, spec, standard) for spec in args.targets]
+            # The standard targets keep their plain names with --tls too ("minimal").
+            standard = {
+                t.name.removesuffix(TLS): t for t in bench.targets(tls=args.tls) if t.proc
+            }
+            chosen = [start(bench, spec, standard, args.tls) for spec in args.targets]
             for target in chosen:
                 bench.check(target)
                 wrk(target.base + args.path, args.connections, 2.0)
