@@ -8,13 +8,12 @@ ever sends a request twice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import os
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
@@ -83,11 +82,20 @@ _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 def new_request_id() -> str:
     """A random (version 4) UUID as 32 hex digits, as ``uuid.uuid4().hex`` gives it, at a
-    fifth of the cost."""
-    n = int.from_bytes(os.urandom(16), "big")
+    fifth of the cost: the random bytes are drawn from ``os.urandom`` 256 ids at a time (one
+    system call, not one per request)."""
+    global _random, _taken
+    if _taken >= len(_random):
+        _random, _taken = os.urandom(16 * 256), 0
+    n = int.from_bytes(_random[_taken : _taken + 16], "big")
+    _taken += 16
     n = (n & ~(0xC000 << 48)) | (0x8000 << 48)  # variant: RFC 4122
     n = (n & ~(0xF000 << 64)) | (4 << 76)  # version 4
     return f"{n:032x}"
+
+
+_random = b""
+_taken = 0
 
 
 def has_dot_segment(path: str) -> bool:
@@ -185,22 +193,30 @@ async def _iter_content(content: BodyReader, prefix: bytes) -> AsyncIterator[byt
         yield chunk
 
 
-@contextlib.contextmanager
-def _reading(upstream: Upstream) -> Iterator[None]:
+class _reading:
     """Around reading an ERP answer's body: its failures become broker errors, and a body left
     half-read (any failure, a cancelled request too) closes the connection: it never goes back
-    to the pool."""
-    try:
-        yield
-    except TimeoutError:  # the ERP's (UpstreamReadTimeout); the app's are ConnectionErrors
-        upstream.close()
-        raise UpstreamTimeout("the ERP stopped sending its response") from None
-    except UpstreamError as exc:
-        upstream.close()
-        raise UpstreamUnreachable(f"the ERP broke off its response: {exc}") from None
-    except BaseException:
-        upstream.close()
-        raise
+    to the pool. (A class: a generator context manager cost ~2 µs per request.)"""
+
+    __slots__ = ("upstream",)
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, _: object
+    ) -> None:
+        if exc is None:
+            return
+        self.upstream.close()
+        # The ERP's read timeout (UpstreamReadTimeout); the app's are ConnectionErrors.
+        if isinstance(exc, TimeoutError):
+            raise UpstreamTimeout("the ERP stopped sending its response") from None
+        if isinstance(exc, UpstreamError):
+            raise UpstreamUnreachable(f"the ERP broke off its response: {exc}") from None
 
 
 class Router:
