@@ -2,6 +2,7 @@
 
     python -m bench.profile [--seconds 8] [--runs 5] TARGET...
     python -m bench.profile --py-spy out.svg erp-broker
+    python -m bench.profile --tls minimal erp-broker   # TLS to the origin, as deployed
 
 TARGET is ``minimal``, ``nginx`` or ``erp-broker`` (each also as ``minimal/TLS`` and so on:
 HTTPS to the origin), or ``erp-broker@/path``: a broker whose ``broker`` package is imported
@@ -35,13 +36,13 @@ from pathlib import Path
 import yaml
 
 from .procs import LOAD_CPU, SUT_CPU, free_port
-from .runner import Bench, Settings, Target, preflight, workdir, wrk
+from .runner import TLS, Bench, Settings, Target, preflight, workdir, wrk
 
 #: What may follow "erp-broker+" in a target (combined with "+").
 VARIANTS = {"tracing", "tracing-dead", "no-links", "encrypted", "tls"}
 
 
-def start(bench: Bench, spec: str, targets: dict[str, Target]) -> Target:
+def start(bench: Bench, spec: str, targets: dict[str, Target], tls: bool) -> Target:
     if spec in targets:
         return targets[spec]
     name, _, path = spec.partition("@")
@@ -49,7 +50,7 @@ def start(bench: Bench, spec: str, targets: dict[str, Target]) -> Target:
     if name != "erp-broker" or not (path or variants) or not set(variants) <= VARIANTS:
         raise SystemExit(f"unknown target {spec!r} (variants: {', '.join(sorted(VARIANTS))})")
     config, port, admin = bench.broker_config(
-        f"broker-{len(bench.procs)}", bench.token_url, tls="tls" in variants
+        f"broker-{len(bench.procs)}", bench.token_url, tls=tls or "tls" in variants
     )
     data = yaml.safe_load(config.read_text())
     if "tracing" in variants or "tracing-dead" in variants:
@@ -81,6 +82,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--path", default="/small")
     parser.add_argument("--py-spy", dest="py_spy", help="record the first target with py-spy")
+    parser.add_argument("--tls", action="store_true", help="every proxy reaches the origin by TLS")
     args = parser.parse_args()
     preflight()
     with workdir(False) as path:
@@ -90,10 +92,13 @@ def main() -> int:
             bench.start_sink()
             bench.token_url = bench.start_token_server("token-server", 3600)
             bench.token = bench.fetch_token(bench.token_url)
-            standard = {t.name: t for t in bench.targets()}
-            if any(spec.endswith("/TLS") for spec in args.targets):  # minimal/TLS, nginx/TLS
-                standard |= {t.name: t for t in bench.targets(tls=True)}
-            chosen = [start(bench, spec, standard) for spec in args.targets]
+            if args.tls:  # the standard targets keep their plain names ("minimal")
+                standard = {t.name.removesuffix(TLS): t for t in bench.targets(tls=True) if t.proc}
+            else:
+                standard = {t.name: t for t in bench.targets()}
+                if any(spec.endswith("/TLS") for spec in args.targets):  # minimal/TLS …
+                    standard |= {t.name: t for t in bench.targets(tls=True)}
+            chosen = [start(bench, spec, standard, args.tls) for spec in args.targets]
             for target in chosen:
                 bench.check(target)
                 wrk(target.base + args.path, args.connections, 2.0)

@@ -43,6 +43,19 @@ _BOUNDARY_TEXT = "(?=[/?#]|$)"
 _BOUNDARIES = (b"/", b"?", b"#", b'"', b"\\/", b"\\u0023", b"\\u002f", b"\\u003f")
 _PLAIN_BOUNDARIES = (b"/", b"?", b"#", b'"')
 _BOUNDARY_JSON = rb'(?=[/?#"]|\\/|\\u00(?:2[3Ff]|3[Ff]))'
+# What LinkRewriter.answer does with a header, by its lower-cased name.
+_LOCATION, _TYPE, _ENCODING, _STALE, _ETAG = range(5)
+_HEADER_KINDS = {
+    "location": _LOCATION,
+    "content-location": _LOCATION,
+    "content-type": _TYPE,
+    "content-encoding": _ENCODING,
+    "content-length": _STALE,
+    "content-md5": _STALE,
+    "etag": _ETAG,
+}
+#: Their lengths: any other name is passed over without being lower-cased.
+_KIND_LENGTHS = frozenset(len(name) for name in _HEADER_KINDS)
 
 
 def is_json(content_type: str | None) -> bool:
@@ -50,10 +63,20 @@ def is_json(content_type: str | None) -> bool:
     ``odata.metadata=minimal`` among them)."""
     if not content_type:
         return False
-    media = content_type.partition(";")[0].strip().lower()
-    return media == "application/json" or (
-        media.startswith("application/") and media.endswith("+json")
-    )
+    # An ERP sends the same few values on every answer: each decided once (bounded).
+    known = _JSON_TYPES.get(content_type)
+    if known is None:
+        media = content_type.partition(";")[0].strip().lower()
+        known = media == "application/json" or (
+            media.startswith("application/") and media.endswith("+json")
+        )
+        if len(_JSON_TYPES) >= 64:
+            _JSON_TYPES.clear()
+        _JSON_TYPES[content_type] = known
+    return known
+
+
+_JSON_TYPES: dict[str, bool] = {}
 
 
 def _base_variants(base: str) -> list[tuple[str, str]]:
@@ -132,6 +155,9 @@ class LinkRewriter:
         scheme = urlsplit(self.upstream_base).scheme.lower().encode()
         #: Where a link can start, in the body lower-cased: a quote, the scheme, a colon.
         self._needle = b'"' + scheme + b":"
+        #: A quote and the scheme's first letter in either case: a body with neither (and
+        #: no escape) has no link, known without lower-casing it.
+        self._starts = (b'"' + scheme[:1].lower(), b'"' + scheme[:1].upper())
         #: Spellings that escape a character of the scheme: a piece with one is searched
         #: with the whole pattern (slower; servers that write these are rare).
         self._exotic = tuple(b'"' + scheme[:i] + b"\\u" for i in range(len(scheme) + 1))
@@ -210,24 +236,25 @@ class LinkRewriter:
         encodings: list[str] = []
         # One pass over the headers; what a rewritten body must lose is noted by position.
         stale: list[int] = []
+        kinds, lengths = _HEADER_KINDS, _KIND_LENGTHS
         for i, (name, value) in enumerate(headers):
-            lower = name.lower()
-            if lower in ("location", "content-location"):
+            if len(name) not in lengths or (kind := kinds.get(name.lower())) is None:
+                continue
+            if kind == _LOCATION:
                 headers[i] = (name, self.rewrite_url(value, broker_base))
-            elif lower == "content-type":
+            elif kind == _TYPE:
                 content_type = value
-            elif lower == "content-encoding":
+            elif kind == _ENCODING:
                 encodings += [e.strip().lower() for e in value.split(",") if e.strip()]
                 stale.append(i)
-            elif lower in ("content-length", "content-md5") or (
-                lower == "etag" and not value.startswith("W/")
-            ):
+            elif kind == _STALE or not value.startswith("W/"):  # a strong ETag is stale too
                 stale.append(i)
         if not (self.bodies and has_body and is_json(content_type)):
             return None
-        encodings = [e for e in encodings if e != "identity"]
-        if len(encodings) > 1 or (encodings and encodings[0] not in _ENCODINGS):
-            return None  # a coding the broker cannot undo: the body passes untouched
+        if encodings:
+            encodings = [e for e in encodings if e != "identity"]
+            if len(encodings) > 1 or (encodings and encodings[0] not in _ENCODINGS):
+                return None  # a coding the broker cannot undo: the body passes untouched
         for i in reversed(stale):
             del headers[i]
         return JsonLinks(self, broker_base, encodings[0] if encodings else None)
@@ -238,6 +265,7 @@ class JsonLinks:
 
     __slots__ = (
         "_backslashes",
+        "_broker_base",
         "_carry",
         "_exotic",
         "_forms",
@@ -246,6 +274,7 @@ class JsonLinks:
         "_links",
         "_needle",
         "_pattern",
+        "_ready",
         "_replacement",
         "_shortest",
         "_unsafe",
@@ -253,20 +282,27 @@ class JsonLinks:
     )
 
     def __init__(self, links: LinkRewriter, broker_base: str, encoding: str | None) -> None:
-        self._pattern = links._json
-        self._window = links._window
-        self._needle = links._needle
+        # Most JSON answers hold no link (see whole): the rest is set up on the first piece.
         self._links = links
-        self._exotic = links._exotic
-        self._forms = links._forms
-        self._heads = links._heads
-        self._shortest = links._shortest
-        self._replacement, self._unsafe = links.replacement(broker_base)
+        self._broker_base = broker_base
+        self._needle = links._needle
+        self._ready = False
         #: Bytes held back: they may be the start of a link the next piece completes.
         self._carry = b""
         #: Whether the bytes given out so far end in an odd run of backslashes.
         self._backslashes = False
         self._inflater: _Inflater | None = _Inflater(encoding) if encoding else None
+
+    def _prepare(self) -> None:
+        links = self._links
+        self._pattern = links._json
+        self._window = links._window
+        self._exotic = links._exotic
+        self._forms = links._forms
+        self._heads = links._heads
+        self._shortest = links._shortest
+        self._replacement, self._unsafe = links.replacement(self._broker_base)
+        self._ready = True
 
     @property
     def compressed(self) -> bool:
@@ -274,6 +310,8 @@ class JsonLinks:
 
     def feed(self, chunk: bytes | memoryview) -> Iterator[bytes | memoryview]:
         """The rewritten bytes that can go out after ``chunk`` (maybe none)."""
+        if not self._ready:
+            self._prepare()
         if self._inflater is None:
             out = self._rewrite(chunk)
             if out:
@@ -286,6 +324,8 @@ class JsonLinks:
 
     def end(self) -> bytes:
         """Whatever was held back; the body is complete."""
+        if not self._ready:
+            self._prepare()
         if self._inflater is not None:
             rest = b"".join(self._rewrite(p) for p in self._inflater.flush())
         else:
@@ -295,10 +335,18 @@ class JsonLinks:
 
     def whole(self, body: bytes) -> bytes:
         """A whole body, rewritten."""
-        if self._inflater is None and self._needle not in body.lower() and b"\\u" not in body:
+        if self._inflater is None:
             # Every link starts as a JSON string: a quote, then the scheme and a colon in some
             # case, or an escape (``\u``). A body with neither holds none (most small answers).
-            return body
+            # Single bytes are searched first (memchr): a link has a slash, plain or escaped.
+            if b"\\" not in body:
+                if b"/" not in body:
+                    return body
+                lower, upper = self._links._starts
+                if (lower not in body and upper not in body) or self._needle not in body.lower():
+                    return body
+            elif b"\\u" not in body and self._needle not in body.lower():
+                return body
         return b"".join(self.feed(body)) + self.end()
 
     async def stream(

@@ -171,8 +171,9 @@ class LineWriter:
         return f"<LineWriter(file={self._file!r})>"
 
 
-#: (processors, logger) as configure_logging set them up, while info lines are emitted.
-_direct: tuple[list[Any], Any] | None = None
+#: (processors, logger, a copy of them, the ones a line without exc_info or stack_info
+#: needs) as configure_logging set them up, while info lines are emitted.
+_direct: tuple[list[Any], Any, list[Any], list[Any]] | None = None
 
 
 def info_line(fallback: Any, event: str, fields: dict[str, Any]) -> None:
@@ -188,11 +189,15 @@ def info_line(fallback: Any, event: str, fields: dict[str, Any]) -> None:
     if direct is None or structlog.get_config()["processors"] is not direct[0]:
         fallback.info(event, **fields)
         return
-    processors, logger = direct
-    if "exc_info" not in fields and processors[-1] is _scrub_rendered:
-        # Every value was scrubbed by ``redact`` before rendering, and only a traceback
-        # (exc_info) is rendered after it: the last pass over the whole line finds nothing.
-        processors = processors[:-1]
+    processors, logger, copy, plain = direct
+    if "exc_info" not in fields and "stack_info" not in fields:
+        if processors == copy:  # not changed in place since (capture_logs does that)
+            # Without them the traceback and stack renderers do nothing, and every value was
+            # scrubbed by ``redact`` before rendering: the last pass over the line finds
+            # nothing.
+            processors = plain
+        elif processors[-1] is _scrub_rendered:
+            processors = processors[:-1]
     fields["event"] = event
     line: Any = fields
     try:
@@ -249,7 +254,16 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     )
     global _direct
     # structlog keeps the list it was given; info_line checks that it still is the one.
-    _direct = (structlog.get_config()["processors"], factory()) if numeric <= logging.INFO else None
+    configured = structlog.get_config()["processors"]
+    plain = [
+        p
+        for p in configured
+        if p is not _scrub_rendered
+        and not isinstance(
+            p, structlog.processors.ExceptionRenderer | structlog.processors.StackInfoRenderer
+        )
+    ]
+    _direct = (configured, factory(), list(configured), plain) if numeric <= logging.INFO else None
     # Libraries that log through the stdlib (aiohttp, asyncio) are scrubbed as well.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_ScrubbingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -657,7 +657,7 @@ class _Connection(Reading, asyncio.Protocol):
         body = b""
         if answer_has_body(request.method, response.status):
             body = response.body
-            if not any(name.lower() == "content-length" for name, _ in headers):
+            if not _has(headers, "content-length"):
                 headers.append(("Content-Length", str(len(body))))
         head = self.head(request, response.status, response.reason, headers)
         if body and len(body) <= 16 * 1024:
@@ -681,7 +681,7 @@ class _Connection(Reading, asyncio.Protocol):
             headers.append(("Connection", "close"))
         elif request.version == "1.0":
             headers.append(("Connection", "keep-alive"))
-        if not any(name.lower() == "date" for name, _ in headers):
+        if not _has(headers, "date"):
             headers.append(("Date", _Date.now()))
         return _serialize(status, reason, headers)
 
@@ -797,6 +797,16 @@ class _Connection(Reading, asyncio.Protocol):
     @property
     def busy(self) -> bool:
         return bool(self._queue) or self._task is not None
+
+
+def _has(headers: list[tuple[str, str]], lower: str) -> bool:
+    """Whether ``headers`` has a field named ``lower`` (in any case); names of another length
+    are not lower-cased."""
+    size = len(lower)
+    for name, _ in headers:
+        if len(name) == size and name.lower() == lower:
+            return True
+    return False
 
 
 def _serialize(status: int, reason: str, headers: list[tuple[str, str]]) -> bytes:

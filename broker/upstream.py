@@ -10,7 +10,7 @@ import datetime
 import functools
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import structlog
@@ -105,22 +105,30 @@ class Body:
 NO_BODY = Body(data=None)
 
 
-@contextlib.contextmanager
-def reading(upstream: Upstream) -> Iterator[None]:
+class reading:
     """Around reading an ERP answer's body: its failures become broker errors, and a body left
     half-read (any failure, a cancelled request too) closes the connection: it never goes back
-    to the pool."""
-    try:
-        yield
-    except TimeoutError:  # the ERP's (UpstreamReadTimeout); the app's are ConnectionErrors
-        upstream.close()
-        raise UpstreamTimeout("the ERP stopped sending its response") from None
-    except UpstreamError as exc:
-        upstream.close()
-        raise UpstreamUnreachable(f"the ERP broke off its response: {exc}") from None
-    except BaseException:
-        upstream.close()
-        raise
+    to the pool. (A class: a generator context manager cost ~2 µs per request.)"""
+
+    __slots__ = ("upstream",)
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, _: object
+    ) -> None:
+        if exc is None:
+            return
+        self.upstream.close()
+        # The ERP's read timeout (UpstreamReadTimeout); the app's are ConnectionErrors.
+        if isinstance(exc, TimeoutError):
+            raise UpstreamTimeout("the ERP stopped sending its response") from None
+        if isinstance(exc, UpstreamError):
+            raise UpstreamUnreachable(f"the ERP broke off its response: {exc}") from None
 
 
 class Connector:
