@@ -382,7 +382,12 @@ class Connector:
                         )
                     if reason == RATE_LIMITED:
                         # What it would sleep: its own wait, or a longer window open already.
-                        wait = max(wait, await self.coordinator.wait_window(self.name))
+                        try:
+                            window = await self.coordinator.wait_window(self.name)
+                        except BaseException:  # the held answer must not stay counted as busy
+                            upstream.close()
+                            raise
+                        wait = max(wait, window)
                     if budget.allows(wait):
                         upstream.release()
                         budget.retry()

@@ -70,3 +70,29 @@ async def test_a_retried_request_that_fails_shows_its_attempts(
     [line] = [line for line in logs if line["event"] == "request"]
     assert (line["status"], line["attempts"]) == (504, 2)
     assert metric(server, "erp_broker_retries_total", connector="ifs", reason="auth") == 1
+
+
+async def test_a_429_held_while_the_window_is_read_is_closed_when_that_fails(
+    ifs_sim: IfsApps10Sim,
+    ca_file: str,
+    make_broker: BrokerFactory,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The send loop holds the ERP's 429 while it asks the coordinator how long the window
+    is; if that call fails (a Redis error, the request cancelled), the held connection is
+    closed there and then, not left counted as busy until the ERP hangs up. A narrow unit
+    case: the coordinator's call is made to fail; everything else is real."""
+    server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file)})
+    await server.broker.wait_ready(5)
+    connector = server.broker.connectors["ifs"]
+
+    async def failing(key: str) -> float:
+        raise RuntimeError("the coordinator failed")
+
+    monkeypatch.setattr(connector.coordinator, "wait_window", failing)
+    ifs_sim.queue_api_response(429, headers={"Retry-After": "0"})
+    async with http.get(f"{server.proxy_url}/ifs/_test/echo/x") as resp:
+        assert resp.status == 500
+        await resp.read()
+    assert connector.pool.open_connections == 0  # closed, not left busy
