@@ -22,6 +22,7 @@ from broker.sandbox import IfsApps10Sim, PsoSim
 from broker.sandbox.ifs_projections import BY_NAME, PROJECTIONS, openapi_document
 
 from .conftest import BrokerFactory, ifs_connector, metric, pso_connector
+from .test_send_loop import RETRIED_FIRST_ANSWERS, SESSION_GONE
 
 LISTING = {"value": [{"Name": p.name, "Description": p.description} for p in PROJECTIONS]}
 
@@ -326,13 +327,7 @@ class TestThroughTheSendLoop:
 
     @pytest.mark.parametrize(
         ("status", "headers", "body", "reason"),
-        [
-            (401, {}, b"", "auth"),
-            (400, {}, b'{"error": "SESSION_GONE"}', "auth"),  # an auth_failure matcher
-            (429, {"Retry-After": "0"}, b"", "rate_limited"),
-            (504, {}, b"", "gateway_timeout"),
-            (500, {}, b'{"error": {"code": "MI_MODIFIED_ERROR"}}', "transient"),  # retry_on
-        ],
+        RETRIED_FIRST_ANSWERS,
     )
     async def test_each_retry_is_counted(
         self,
@@ -347,8 +342,9 @@ class TestThroughTheSendLoop:
     ) -> None:
         """The projection list's first answer is retried; the listing then succeeds, the retry
         is counted once under its reason and a line says the list took two attempts."""
-        matcher = {"status": 400, "body": "SESSION_GONE"}
-        server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file, auth_failure=[matcher])})
+        server = await make_broker(
+            {"ifs": ifs_connector(ifs_sim, ca_file, auth_failure=[SESSION_GONE])}
+        )
         await server.broker.wait_ready(5)
         ifs_sim.queue_api_response(status, headers=headers, body=body)
         with structlog.testing.capture_logs() as logs:

@@ -14,16 +14,23 @@ from .conftest import BrokerFactory, ifs_connector, metric
 
 REASONS = ("auth", "rate_limited", "gateway_timeout", "stale_connection", "transient")
 
+#: The connector's auth_failure matcher the second answer below trips.
+SESSION_GONE = {"status": 400, "body": "SESSION_GONE"}
+
+#: A first answer from the ERP that the send loop retries, and the reason it is counted under
+#: (status, headers, body, reason); the proxy's tests and discovery's share it.
+RETRIED_FIRST_ANSWERS = [
+    (401, {}, b"", "auth"),
+    (400, {}, b'{"error": "SESSION_GONE"}', "auth"),  # the SESSION_GONE matcher
+    (429, {"Retry-After": "0"}, b"", "rate_limited"),
+    (504, {}, b"", "gateway_timeout"),
+    (500, {}, b'{"error": {"code": "MI_MODIFIED_ERROR"}}', "transient"),  # retry_on
+]
+
 
 @pytest.mark.parametrize(
     ("status", "headers", "body", "reason"),
-    [
-        (401, {}, b"", "auth"),
-        (400, {}, b'{"error": "SESSION_GONE"}', "auth"),  # an auth_failure matcher
-        (429, {"Retry-After": "0"}, b"", "rate_limited"),
-        (504, {}, b"", "gateway_timeout"),
-        (500, {}, b'{"error": {"code": "MI_MODIFIED_ERROR"}}', "transient"),  # retry_on
-    ],
+    RETRIED_FIRST_ANSWERS,
 )
 async def test_each_retry_is_counted_and_in_the_access_line(
     ifs_sim: IfsApps10Sim,
@@ -37,8 +44,9 @@ async def test_each_retry_is_counted_and_in_the_access_line(
 ) -> None:
     """The ERP's first answer is retried: the app gets the second (200), the retry is counted
     once under its reason and no other, and the access line says two attempts."""
-    matcher = {"status": 400, "body": "SESSION_GONE"}
-    server = await make_broker({"ifs": ifs_connector(ifs_sim, ca_file, auth_failure=[matcher])})
+    server = await make_broker(
+        {"ifs": ifs_connector(ifs_sim, ca_file, auth_failure=[SESSION_GONE])}
+    )
     await server.broker.wait_ready(5)
     ifs_sim.queue_api_response(status, headers=headers, body=body)
     with structlog.testing.capture_logs() as logs:
